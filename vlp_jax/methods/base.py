@@ -1,0 +1,61 @@
+"""The interface every method implements to plug into `vlp_jax.train.trainer`.
+
+A method owns a Flax model and turns (params, aux, batch, rng, step) into a scalar loss.
+All functions are pure and traced inside the trainer's one jitted step:
+
+    init_params(rng, batch)            -> boxed params (logical axis annotations kept)
+    init_aux(params)                   -> aux pytree: EMA teachers, queues ({} by default)
+    loss(params, aux, batch, rng, step) -> (loss [], metrics {name: []}, new aux)
+    after_update(params, aux, step)    -> aux after the optimizer step (EMA updates)
+    trainable(params)                  -> bool tree (False = frozen) or None (all trained)
+    encoders(params)                   -> Encoders used by the evaluators
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import ml_collections
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoders:
+    """Jitted, parameter-bound embedding functions: images [B,H,W,3] / tokens [B,L] -> [B, D]."""
+
+    encode_image: Callable[[Any], jax.Array]
+    encode_text: Callable[[Any], jax.Array]
+
+
+@dataclasses.dataclass
+class Method:
+    model: nn.Module
+    mesh: Mesh
+    config: ml_collections.ConfigDict   # the `method` section of the experiment
+
+    def init_params(self, rng: jax.Array, batch: dict) -> Any:
+        return self.model.init(rng, batch["image"], batch["text"])["params"]
+
+    def init_aux(self, params) -> Any:
+        return {}
+
+    def aux_shardings(self, abstract_aux, param_shardings) -> Any:
+        """Default: every aux array replicated. EMA teachers override to follow params."""
+        return jax.tree.map(lambda _: NamedSharding(self.mesh, P()), abstract_aux)
+
+    def loss(self, params, aux, batch, rng, step):
+        raise NotImplementedError
+
+    def after_update(self, params, aux, step):
+        return aux
+
+    def trainable(self, params) -> Any | None:
+        return None
+
+    def encoders(self, params) -> Encoders:
+        variables = {"params": params}
+        return Encoders(
+            encode_image=jax.jit(lambda x: self.model.apply(variables, x, method="encode_image")),
+            encode_text=jax.jit(lambda t: self.model.apply(variables, t, method="encode_text")))

@@ -1,0 +1,52 @@
+"""What the trainer needs from the data layer, behind one small object.
+
+It builds the dataset if absent, loads its tokenizer, and hands out the train iterator,
+evaluation sets and a tokenize function; methods and evaluators never import dataset code.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import ml_collections
+import numpy as np
+
+from vlp_jax.data import pipeline, shapes_builder
+from vlp_jax.data.types import EvalSet
+
+
+class DataBridge:
+    def __init__(self, data_config: ml_collections.ConfigDict):
+        name = data_config.get("name", "shapes")
+        if name != "shapes":
+            raise ValueError(f"data.name {name!r} is unknown; valid: ['shapes']")
+        self.config = data_config
+        self.builder = shapes_builder.ensure_built(data_config)
+        self.tokenizer = shapes_builder.load_tokenizer(data_config)
+
+    def location(self) -> str:
+        return str(self.builder.data_dir)
+
+    def vocab(self) -> dict:
+        t = self.tokenizer
+        return dict(vocab_size=t.vocab_size, pad_id=t.pad_id, bos_id=t.bos_id, eos_id=t.eos_id,
+                    mask_id=t.mask_id)
+
+    def tokenize(self, texts) -> np.ndarray:
+        """list[str] -> int32 [N, data.text_length]."""
+        return self.tokenizer.encode(list(texts), self.config.text_length)
+
+    def example_batch(self, global_batch_size: int) -> dict:
+        """Zero arrays with the global batch's shapes (for initialisation and shape checks)."""
+        s, L = self.config.image_size, self.config.text_length
+        return dict(image=np.zeros((global_batch_size, s, s, 3), np.float32),
+                    text=np.zeros((global_batch_size, L), np.int32))
+
+    def train_iterator(self, global_batch_size: int, seed: int):
+        return pipeline.make_train_iterator(
+            self.config, global_batch_size=global_batch_size, seed=seed,
+            process_index=jax.process_index(), process_count=jax.process_count())
+
+    @functools.lru_cache(maxsize=8)
+    def load_eval_set(self, split: str, max_examples: int | None = None) -> EvalSet:
+        return pipeline.load_eval_set(self.config, split, max_examples)

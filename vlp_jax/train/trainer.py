@@ -1,0 +1,165 @@
+"""The one trainer: every method trains through `train_and_evaluate(config, workdir)`.
+
+Flow: mesh -> data (built if absent) -> method -> sharded TrainState (restored from the
+latest checkpoint in WORKDIR if there is one, with the data iterator position) -> jitted steps
+with periodic logging and checkpoints -> evaluators -> WORKDIR/eval.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vlp_jax.methods.base import Method
+from vlp_jax.methods.registry import build_method
+from vlp_jax.parallel.mesh import data_parallel_size, make_mesh, to_global_batch
+from vlp_jax.parallel.sharding import logical_rules
+from vlp_jax.train import data_bridge
+from vlp_jax.train.checkpoint import Checkpointer, abstract_with_shardings
+from vlp_jax.train.metrics_log import MetricWriter, to_python
+from vlp_jax.train.optim import learning_rate_schedule, make_optimizer
+from vlp_jax.train.step import init_state, make_train_step, state_shardings
+
+
+class NonFiniteError(RuntimeError):
+    """Raised by the 'stop' non-finite policy after checkpointing the last good state."""
+
+
+def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
+    """Checks that need no compilation; raises ValueError naming the field."""
+    dp = data_parallel_size(mesh)
+    bs = config.train.batch_size
+    if bs <= 0 or bs % dp:
+        raise ValueError(f"train.batch_size={bs} must be a positive multiple of the data-parallel "
+                         f"size {dp} (mesh {dict(mesh.shape)})")
+    if bs % jax.process_count():
+        raise ValueError(f"train.batch_size={bs} must be divisible by the process count "
+                         f"{jax.process_count()}")
+    if config.train.num_steps <= 0:
+        raise ValueError(f"train.num_steps must be positive, got {config.train.num_steps}")
+
+
+class Experiment:
+    """Everything built from a config that both training and evaluation need."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+        self.mesh = make_mesh(config.get("mesh", None))
+        validate_config(config, self.mesh)
+        self.data = data_bridge.DataBridge(config.data)
+        self.method: Method = build_method(config, self.data.vocab(), self.mesh)
+        rng = jax.random.key(config.get("seed", 0))
+        total = config.train.num_steps
+        self.lr_schedule = learning_rate_schedule(config.optim, total)
+        self.tx, self.abstract_state, self.shardings = state_shardings(
+            self.method, lambda mask: make_optimizer(config.optim, total, mask), rng,
+            self.data.example_batch(config.train.batch_size), logical_rules(config.get("mesh")))
+        self._rng = rng
+
+    def new_state(self):
+        return init_state(self.method, self.tx, self._rng,
+                          self.data.example_batch(self.config.train.batch_size), self.shardings)
+
+    def restore_target(self):
+        return abstract_with_shardings(self.abstract_state, self.shardings)
+
+    def evaluate(self, params) -> dict[str, float]:
+        from vlp_jax.evaluators import run_evaluators
+        if not self.config.get("evals"):
+            return {}
+        return run_evaluators(self.config.evals, self.method.encoders(params),
+                              self.data.load_eval_set, self.data.tokenize)
+
+
+def _write_json(path: str, payload: dict) -> None:
+    if jax.process_index() != 0:
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       progress: bool = True) -> dict[str, Any]:
+    """Trains `config` in `workdir` (resuming if it holds checkpoints), then evaluates.
+
+    Returns dict(step, final train metrics, eval metrics). Writes metrics.jsonl, TensorBoard
+    events, checkpoints/ and eval.json under workdir.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    exp = Experiment(config)
+    tcfg = config.train
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tcfg.get("keep_checkpoints", 2),
+                        every=tcfg.get("checkpoint_every", 1000))
+    data_iter = exp.data.train_iterator(tcfg.batch_size, seed=config.get("seed", 0))
+    restored = ckpt.restore(exp.restore_target())
+    if restored is None:
+        state = exp.new_state()
+    else:
+        state, data_state = restored
+        data_iter.set_state(data_state)
+    start = int(state.step)
+    policy = tcfg.get("nonfinite", "skip")
+    step_fn = make_train_step(exp.method, exp.tx, exp.shardings, policy, exp.lr_schedule)
+    writer = MetricWriter(workdir)
+    log_every = max(1, tcfg.get("log_every", 50))
+    bar = _progress_bar(progress, start, tcfg.num_steps)
+    last, t0, n0 = {}, time.perf_counter(), start
+    for step in range(start + 1, tcfg.num_steps + 1):
+        batch = to_global_batch(next(data_iter), exp.mesh)
+        state, metrics = step_fn(state, batch)
+        if policy == "stop" and not bool(metrics["finite"]):
+            ckpt.save(step, state, data_iter.get_state(), force=True)
+            ckpt.close()
+            bad = [k for k, v in to_python(metrics).items() if not np.isfinite(v)]
+            raise NonFiniteError(f"non-finite values at step {step} in {bad or ['gradients']}; "
+                                 f"the last good state is saved at step {step} in {workdir}")
+        if step % log_every == 0 or step == tcfg.num_steps:
+            last = to_python(metrics)
+            dt = time.perf_counter() - t0
+            last["steps_per_sec"] = (step - n0) / dt
+            last["examples_per_sec"] = last["steps_per_sec"] * tcfg.batch_size
+            t0, n0 = time.perf_counter(), step
+            writer.write(step, last)
+            if bar is not None:
+                bar.set_postfix(loss=f"{last['loss']:.4f}", ex_s=f"{last['examples_per_sec']:.0f}")
+        if bar is not None:
+            bar.update(1)
+        ckpt.save(step, state, data_iter.get_state(), force=step == tcfg.num_steps)
+    if bar is not None:
+        bar.close()
+    ckpt.close()
+    results = exp.evaluate(state.params)
+    writer.write(int(state.step), results, prefix="eval")
+    writer.close()
+    _write_json(os.path.join(workdir, "eval.json"), {"step": int(state.step), **results})
+    return {"step": int(state.step), "train": last, "eval": results}
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                        step: int | None = None) -> dict[str, Any]:
+    """Restores the latest (or given) checkpoint in workdir, runs config.evals, writes eval.json."""
+    exp = Experiment(config)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    restored = ckpt.restore(exp.restore_target(), step)
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoint found in {workdir}/checkpoints")
+    state, _ = restored
+    ckpt.close()
+    results = exp.evaluate(state.params)
+    _write_json(os.path.join(workdir, "eval.json"), {"step": int(state.step), **results})
+    return {"step": int(state.step), "eval": results}
+
+
+def _progress_bar(enabled: bool, start: int, total: int):
+    if not enabled or jax.process_index() != 0:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
