@@ -37,9 +37,14 @@ def _run(command: str) -> None:
         return
     if not _WORKDIR.value:
         raise app.UsageError(f"`vlp-jax {command}` needs --workdir")
+    from vlp_jax.train.preemption import EXIT_PREEMPTED, Preempted
     from vlp_jax.train.trainer import evaluate_checkpoint, train_and_evaluate
     if command == "train":
-        result = train_and_evaluate(config, _WORKDIR.value, progress=not _NO_PROGRESS.value)
+        try:
+            result = train_and_evaluate(config, _WORKDIR.value, progress=not _NO_PROGRESS.value)
+        except Preempted as e:
+            print(str(e), file=sys.stderr)
+            sys.exit(EXIT_PREEMPTED)
     else:
         result = evaluate_checkpoint(config, _WORKDIR.value)
     print(json.dumps(result, indent=2, sort_keys=True))

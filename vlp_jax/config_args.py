@@ -29,3 +29,18 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
             raise ValueError(f"unknown experiment argument {key!r}; valid: {sorted(defaults)}")
         out[key] = _convert(value.strip() if "=" in item else "true", defaults[key])
     return ml_collections.ConfigDict(out)
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """Loads `path/to/experiment.py[:arg]` and returns its `get_config(arg)`."""
+    import importlib.util
+    import os
+
+    path, _, arg = spec.partition(":")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"experiment file {path!r} does not exist")
+    module_spec = importlib.util.spec_from_file_location(
+        "vlp_experiment_" + os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None) if arg else module.get_config()

@@ -23,6 +23,7 @@ from vlp_jax.parallel.sharding import logical_rules
 from vlp_jax.train import data_bridge
 from vlp_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from vlp_jax.train.metrics_log import MetricWriter, to_python
+from vlp_jax.train.preemption import Preempted, PreemptionGuard
 from vlp_jax.train.optim import learning_rate_schedule, make_optimizer
 from vlp_jax.train.step import init_state, make_train_step, state_shardings
 
@@ -87,8 +88,11 @@ def _write_json(path: str, payload: dict) -> None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       progress: bool = True) -> dict[str, Any]:
+                       progress: bool = True, stop_at: int | None = None) -> dict[str, Any]:
     """Trains `config` in `workdir` (resuming if it holds checkpoints), then evaluates.
+
+    `stop_at`: leave the loop after that step with a checkpoint and no evaluation, as a
+    preempted job would (tests use it to check that resuming is exact).
 
     Returns dict(step, final train metrics, eval metrics). Writes metrics.jsonl, TensorBoard
     events, checkpoints/ and eval.json under workdir.
@@ -106,11 +110,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         state, data_state = restored
         data_iter.set_state(data_state)
     start = int(state.step)
-    policy = tcfg.get("nonfinite", "skip")
-    step_fn = make_train_step(exp.method, exp.tx, exp.shardings, policy, exp.lr_schedule)
+    step_fn = make_train_step(exp.method, exp.tx, exp.shardings, tcfg.get("nonfinite", "skip"),
+                              exp.lr_schedule)
     writer = MetricWriter(workdir)
-    log_every = max(1, tcfg.get("log_every", 50))
     bar = _progress_bar(progress, start, tcfg.num_steps)
+    with PreemptionGuard() as guard:
+        state, last = _train_loop(exp, state, data_iter, step_fn, ckpt, writer, bar, guard,
+                                  start, stop_at)
+    if bar is not None:
+        bar.close()
+    ckpt.close()
+    if stop_at is not None and int(state.step) < tcfg.num_steps:
+        writer.close()
+        return {"step": int(state.step), "train": last, "eval": {}}
+    results = exp.evaluate(state.params)
+    writer.write(int(state.step), results, prefix="eval")
+    writer.close()
+    _write_json(os.path.join(workdir, "eval.json"), {"step": int(state.step), **results})
+    return {"step": int(state.step), "train": last, "eval": results}
+
+
+def _train_loop(exp, state, data_iter, step_fn, ckpt, writer, bar, guard, start, stop_at):
+    """Runs steps start+1 .. num_steps (or stop_at); returns (state, last logged metrics)."""
+    tcfg = exp.config.train
+    policy = tcfg.get("nonfinite", "skip")
+    log_every = max(1, tcfg.get("log_every", 50))
     last, t0, n0 = {}, time.perf_counter(), start
     for step in range(start + 1, tcfg.num_steps + 1):
         batch = to_global_batch(next(data_iter), exp.mesh)
@@ -120,7 +144,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             ckpt.close()
             bad = [k for k, v in to_python(metrics).items() if not np.isfinite(v)]
             raise NonFiniteError(f"non-finite values at step {step} in {bad or ['gradients']}; "
-                                 f"the last good state is saved at step {step} in {workdir}")
+                                 f"the last good state is saved at step {step}")
         if step % log_every == 0 or step == tcfg.num_steps:
             last = to_python(metrics)
             dt = time.perf_counter() - t0
@@ -132,15 +156,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 bar.set_postfix(loss=f"{last['loss']:.4f}", ex_s=f"{last['examples_per_sec']:.0f}")
         if bar is not None:
             bar.update(1)
-        ckpt.save(step, state, data_iter.get_state(), force=step == tcfg.num_steps)
-    if bar is not None:
-        bar.close()
-    ckpt.close()
-    results = exp.evaluate(state.params)
-    writer.write(int(state.step), results, prefix="eval")
-    writer.close()
-    _write_json(os.path.join(workdir, "eval.json"), {"step": int(state.step), **results})
-    return {"step": int(state.step), "train": last, "eval": results}
+        ckpt.save(step, state, data_iter.get_state(),
+                  force=step == tcfg.num_steps or step == stop_at)
+        if step == stop_at:
+            break
+        if guard.requested():
+            ckpt.save(step, state, data_iter.get_state(), force=True)
+            ckpt.close()
+            raise Preempted(step)
+    return state, last
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,

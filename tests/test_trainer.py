@@ -1,0 +1,81 @@
+"""End-to-end: the CLIP experiment trains on the shapes data, learns, checkpoints and resumes."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from vlp_jax.config_args import load_config
+from vlp_jax.train.checkpoint import Checkpointer
+from vlp_jax.train.metrics_log import read_metrics
+from vlp_jax.train.trainer import Experiment, train_and_evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_clip_config(data_config, steps=40, **train):
+    """experiments/clip_shapes.py shrunk to a width-32 model on the shared tiny dataset."""
+    config = load_config(os.path.join(ROOT, "experiments", "clip_shapes.py") + ":smoke")
+    config.data = data_config
+    res = data_config.image_size
+    config.model.embed_dim = 32
+    config.model.image.update(image_size=res, patch_size=res // 4, width=32, depth=1,
+                              num_heads=2, mlp_dim=64)
+    config.model.text.update(width=32, depth=1, num_heads=2, mlp_dim=64,
+                             context_length=data_config.text_length)
+    config.optim.lr = 3e-3
+    config.optim.warmup_steps = 10
+    config.train.update(dict(batch_size=32, num_steps=steps, log_every=10,
+                             checkpoint_every=steps, **train))
+    for ev in config.evals.values():
+        ev.split, ev.max_examples = "validation", 128
+    return config
+
+
+def test_short_run_lowers_loss_and_writes_outputs(shapes_data_config, tmp_path):
+    config = tiny_clip_config(shapes_data_config, steps=40)
+    result = train_and_evaluate(config, str(tmp_path), progress=False)
+    rows = [r for r in read_metrics(str(tmp_path)) if "train/loss" in r]
+    assert rows[-1]["train/loss"] < rows[0]["train/loss"]
+    assert result["step"] == 40
+    with open(tmp_path / "eval.json") as f:
+        evals = json.load(f)
+    for key in ("zeroshot/top1", "retrieval/i2t_r1", "retrieval/t2i_r10"):
+        assert key in evals, sorted(evals)
+    assert os.path.isdir(tmp_path / "tensorboard")
+
+
+def test_resumed_run_continues_from_the_saved_step_exactly(shapes_data_config, tmp_path):
+    config = tiny_clip_config(shapes_data_config, steps=12, checkpoint_every=4)
+    config.evals = {}
+    straight = tmp_path / "straight"
+    train_and_evaluate(config, str(straight), progress=False)
+    resumed = tmp_path / "resumed"
+    first = train_and_evaluate(config, str(resumed), progress=False, stop_at=6)
+    assert first["step"] == 6
+    second = train_and_evaluate(config, str(resumed), progress=False)
+    assert second["step"] == 12
+    steps_logged = [r["step"] for r in read_metrics(str(resumed)) if "train/loss" in r]
+    assert steps_logged == sorted(set(steps_logged)), "resume repeated or skipped logged steps"
+    exp = Experiment(config)
+    params = []
+    for wd in (straight, resumed):
+        ckpt = Checkpointer(os.path.join(wd, "checkpoints"))
+        state, _ = ckpt.restore(exp.restore_target())
+        ckpt.close()
+        assert int(state.step) == 12
+        params.append(jax.device_get(state.params))
+    for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1])):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_clip_learns_zero_shot_far_above_chance(shapes_data_config, tmp_path):
+    config = tiny_clip_config(shapes_data_config, steps=300)
+    config.train.batch_size = 64
+    result = train_and_evaluate(config, str(tmp_path), progress=False)
+    ev = result["eval"]
+    chance = ev["zeroshot/chance"]
+    assert ev["zeroshot/top1"] > 3 * chance, ev
+    assert ev["retrieval/t2i_r10"] > 3 * 10 / 128 * 100, ev   # 128 images: chance R@10 = 7.8%
