@@ -6,6 +6,7 @@ All functions are pure and traced inside the trainer's one jitted step:
     init_params(rng, batch)            -> boxed params (logical axis annotations kept)
     init_aux(params)                   -> aux pytree: EMA teachers, queues ({} by default)
     loss(params, aux, batch, rng, step) -> (loss [], metrics {name: []}, new aux)
+    value_and_grad(params, aux, batch, rng, step) -> ((loss, (metrics, aux)), grads)
     after_update(params, aux, step)    -> aux after the optimizer step (EMA updates)
     trainable(params)                  -> bool tree (False = frozen) or None (all trained)
     encoders(params)                   -> Encoders used by the evaluators
@@ -47,6 +48,14 @@ class Method:
 
     def loss(self, params, aux, batch, rng, step):
         raise NotImplementedError
+
+    def value_and_grad(self, params, aux, batch, rng, step):
+        """((loss, (metrics, new_aux)), grads). Default: autodiff of `loss`; methods that
+        compute gradients another way (GradCache) override this."""
+        def loss_fn(p):
+            loss, metrics, new_aux = self.loss(p, aux, batch, rng, step)
+            return loss, (metrics, new_aux)
+        return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
     def after_update(self, params, aux, step):
         return aux

@@ -4,6 +4,11 @@ with FLIP's random patch masking as an option.
 config.method fields:
   loss: 'softmax' (CLIP, ALIGN) or 'sigmoid' (SigLIP; the model needs `logit_bias_init`).
   mask_ratio: fraction of image patches dropped before the image encoder (FLIP; 0 = none).
+  accumulation: 'none', 'grad_cache' (exact big-batch gradient in `micro_batches` pieces) or
+    'plain' (each micro-batch its own loss: fewer negatives, less memory).
+  micro_batches: number of pieces for the two accumulation modes.
+  chunk_size: > 0 selects the memory-bounded chunked softmax loss (column chunks of this
+    size); for 'sigmoid', `ring=True` selects the ppermute ring instead of the all-gather.
 """
 from __future__ import annotations
 
@@ -12,11 +17,16 @@ import dataclasses
 import jax
 
 from vlp_jax.losses.contrastive import sigmoid_contrastive_loss, softmax_contrastive_loss
+from vlp_jax.losses.contrastive_blockwise import (chunked_softmax_contrastive_loss,
+                                                  ring_sigmoid_contrastive_loss)
 from vlp_jax.methods.base import Method
+from vlp_jax.methods.grad_cache import (grad_cache_value_and_grad,
+                                        plain_accumulation_value_and_grad)
 from vlp_jax.models.vit import random_keep_ids
 from vlp_jax.parallel.sharding import shard_batch_fn
 
 LOSSES = ("softmax", "sigmoid")
+ACCUMULATION = ("none", "grad_cache", "plain")
 
 
 @dataclasses.dataclass
@@ -31,9 +41,21 @@ class ContrastiveMethod(Method):
         ratio = self.config.get("mask_ratio", 0.0)
         if not 0.0 <= ratio < 1.0:
             raise ValueError(f"method.mask_ratio must be in [0, 1), got {ratio}")
+        accumulation = self.config.get("accumulation", "none")
+        if accumulation not in ACCUMULATION:
+            raise ValueError(f"method.accumulation {accumulation!r} is unknown; valid: {ACCUMULATION}")
         self._kind = kind
-        self._itc = (shard_batch_fn(softmax_contrastive_loss, self.mesh, 2, 1) if kind == "softmax"
-                     else shard_batch_fn(sigmoid_contrastive_loss, self.mesh, 2, 2))
+        self._itc = shard_batch_fn(self._loss_body(), self.mesh, 2, 1 if kind == "softmax" else 2)
+
+    def _loss_body(self):
+        chunk = self.config.get("chunk_size", 0)
+        if self._kind == "softmax":
+            if chunk:
+                return lambda u, v, t, axis_name: chunked_softmax_contrastive_loss(
+                    u, v, t, axis_name, chunk)
+            return softmax_contrastive_loss
+        return ring_sigmoid_contrastive_loss if self.config.get("ring", False) \
+            else sigmoid_contrastive_loss
 
     def keep_ids(self, rng, images):
         """FLIP masking: indices of the kept patches [B, K], or None without masking."""
@@ -45,12 +67,39 @@ class ContrastiveMethod(Method):
         keep = max(1, int(round(num_patches * (1.0 - ratio))))
         return random_keep_ids(rng, images.shape[0], num_patches, keep)
 
-    def loss(self, params, aux, batch, rng, step):
-        out = self.model.apply({"params": params}, batch["image"], batch["text"],
-                               keep_ids=self.keep_ids(rng, batch["image"]))
+    def embed(self, params, batch, rng):
+        """(image_emb [B, D], text_emb [B, D]) of a batch (FLIP masking drawn from rng)."""
+        variables = {"params": params}
+        u = self.model.apply(variables, batch["image"], self.keep_ids(rng, batch["image"]),
+                             method="encode_image")
+        v = self.model.apply(variables, batch["text"], method="encode_text")
+        return u, v
+
+    def scalars(self, params):
+        """The loss's learnable scalars: (logit_scale,) or (logit_scale, logit_bias)."""
         if self._kind == "softmax":
-            loss, metrics = self._itc(out["image_emb"], out["text_emb"], out["logit_scale"])
-        else:
-            loss, metrics = self._itc(out["image_emb"], out["text_emb"], out["logit_scale"],
-                                      out["logit_bias"])
+            return (params["logit_scale"],)
+        return (params["logit_scale"], params["logit_bias"])
+
+    def itc(self, embeddings, scalars):
+        """(loss, metrics) of the contrastive loss over the whole (sharded) batch."""
+        return self._itc(*embeddings, *scalars)
+
+    def loss(self, params, aux, batch, rng, step):
+        loss, metrics = self.itc(self.embed(params, batch, rng), self.scalars(params))
         return loss, metrics, aux
+
+    def value_and_grad(self, params, aux, batch, rng, step):
+        mode = self.config.get("accumulation", "none")
+        pieces = self.config.get("micro_batches", 1)
+        if mode == "none" or pieces == 1:
+            return super().value_and_grad(params, aux, batch, rng, step)
+        if mode == "grad_cache":
+            (loss, metrics), grads = grad_cache_value_and_grad(
+                self.embed, self.scalars, self.itc, params, batch, rng, pieces)
+        else:
+            def loss_of_batch(p, mb, key):
+                return self.itc(self.embed(p, mb, key), self.scalars(p))
+            (loss, metrics), grads = plain_accumulation_value_and_grad(
+                loss_of_batch, params, batch, rng, pieces)
+        return (loss, (metrics, aux)), grads

@@ -74,11 +74,8 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, shardings:
     def train_step(state: TrainState, batch: dict):
         rng = step_key(state)
 
-        def loss_fn(params):
-            loss, metrics, aux = method.loss(params, state.aux, batch, rng, state.step)
-            return loss, (metrics, aux)
-
-        (loss, (metrics, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, (metrics, aux)), grads = method.value_and_grad(state.params, state.aux, batch, rng,
+                                                              state.step)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         aux = method.after_update(params, aux, state.step)
