@@ -100,3 +100,28 @@ def test_frozen_parameters_do_not_move():
     for a, b in zip(jax.tree.leaves(before["image_tower"]), jax.tree.leaves(after["image_tower"])):
         np.testing.assert_array_equal(a, b)
     assert not np.allclose(before["text_proj"]["kernel"], after["text_proj"]["kernel"])
+
+
+def _params_after_steps(axes, steps=2):
+    mesh = make_mesh(ml_collections.ConfigDict({"axes": axes}))
+    state, step, batch = _setup(mesh)
+    for _ in range(steps):
+        state, metrics = step(state, to_global_batch(batch, mesh))
+    return float(metrics["loss"]), state
+
+
+def test_fsdp_and_tensor_parallel_layouts_match_data_parallel():
+    ref_loss, ref = _params_after_steps({"data": 8})
+    ref_params = jax.device_get(ref.params)
+    for axes in ({"fsdp": 8}, {"data": 4, "model": 2}, {"data": 2, "fsdp": 2, "model": 2}):
+        loss, state = _params_after_steps(axes)
+        assert abs(loss - ref_loss) < 1e-5, axes
+        for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(jax.device_get(state.params))):
+            np.testing.assert_allclose(b, a, atol=1e-5)
+        # The layout really is applied: a large kernel and its Adam moment are split.
+        fc1 = state.params["image_tower"]["encoder"]["block0"]["mlp"]["fc1"]["kernel"]
+        expected = (axes.get("fsdp", 1) if axes.get("fsdp", 1) > 1 else None,
+                    axes.get("model", 1) if axes.get("model", 1) > 1 else None)
+        shard_shape = fc1.addressable_shards[0].data.shape
+        assert shard_shape == (fc1.shape[0] // (expected[0] or 1),
+                               fc1.shape[1] // (expected[1] or 1)), (axes, shard_shape)
