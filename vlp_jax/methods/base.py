@@ -24,10 +24,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 @dataclasses.dataclass(frozen=True)
 class Encoders:
-    """Jitted, parameter-bound embedding functions: images [B,H,W,3] / tokens [B,L] -> [B, D]."""
+    """Jitted, parameter-bound functions the evaluators call.
+
+    encode_image: images [B, H, W, 3] -> unit-norm embeddings [B, D].
+    encode_text: tokens [B, L] -> unit-norm embeddings [B, D].
+    score_pairs: optional, fusion models only: (images [B, H, W, 3], tokens [B, L]) -> [B]
+      match scores of the aligned pairs (e.g. the ITM head's positive logit), used for
+      re-ranking retrieval and compositional evaluation.
+    """
 
     encode_image: Callable[[Any], jax.Array]
     encode_text: Callable[[Any], jax.Array]
+    score_pairs: Callable[[Any, Any], jax.Array] | None = None
 
 
 @dataclasses.dataclass
@@ -35,6 +43,7 @@ class Method:
     model: nn.Module
     mesh: Mesh
     config: ml_collections.ConfigDict   # the `method` section of the experiment
+    vocab: dict = dataclasses.field(default_factory=dict)   # tokenizer ids (pad, mask, ...)
 
     def init_params(self, rng: jax.Array, batch: dict) -> Any:
         return self.model.init(rng, batch["image"], batch["text"])["params"]

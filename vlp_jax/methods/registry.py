@@ -15,4 +15,5 @@ def build_method(config: ml_collections.ConfigDict, vocab: dict, mesh: Mesh) -> 
     name = config.method.name
     if name not in METHODS:
         raise ValueError(f"method.name {name!r} is unknown; valid: {sorted(METHODS)}")
-    return METHODS[name](model=build_model(config.model, vocab), mesh=mesh, config=config.method)
+    return METHODS[name](model=build_model(config.model, vocab), mesh=mesh, config=config.method,
+                         vocab=dict(vocab))
