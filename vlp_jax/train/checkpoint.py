@@ -14,6 +14,43 @@ import jax
 import orbax.checkpoint as ocp
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's arrays do not match the model being restored (other model or config)."""
+
+
+def _key_name(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def flat_shapes(tree) -> dict[str, tuple]:
+    """{'params/image_tower/...': shape} for every array-like leaf of a (metadata) tree."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        shape = getattr(leaf, "shape", None)
+        if shape is not None:
+            out["/".join(_key_name(k) for k in path)] = tuple(shape)
+    return out
+
+
+def describe_mismatch(saved: dict[str, tuple], expected: dict[str, tuple], limit: int = 20) -> str:
+    """Human-readable list of missing, unexpected and reshaped arrays ('' when they match)."""
+    lines = []
+    for key in sorted(set(expected) - set(saved)):
+        lines.append(f"  missing in checkpoint: {key} {expected[key]}")
+    for key in sorted(set(saved) - set(expected)):
+        lines.append(f"  not in model:          {key} {saved[key]}")
+    for key in sorted(set(saved) & set(expected)):
+        if saved[key] != expected[key]:
+            lines.append(f"  shape differs:         {key} checkpoint {saved[key]} vs model "
+                         f"{expected[key]}")
+    if len(lines) > limit:
+        lines = lines[:limit] + [f"  ... and {len(lines) - limit} more"]
+    return "\n".join(lines)
+
+
 def abstract_with_shardings(abstract_tree, shardings) -> Any:
     """ShapeDtypeStructs carrying the target shardings, for restoring onto the mesh."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -26,7 +63,9 @@ class Checkpointer:
     def __init__(self, directory: str, keep: int = 2, every: int = 1000):
         self.every = every
         self.manager = ocp.CheckpointManager(
-            os.path.abspath(directory), item_names=("state", "data"),
+            os.path.abspath(directory),
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "data": ocp.JsonCheckpointHandler()},
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                  enable_async_checkpointing=True))
 
@@ -48,10 +87,20 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             return None
+        self.check_compatible(step, abstract_state)
         restored = self.manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                           data=ocp.args.JsonRestore()))
         return restored["state"], restored["data"]
+
+    def check_compatible(self, step: int, abstract_state) -> None:
+        """Raises CheckpointMismatchError listing keys and shapes if `step` does not fit."""
+        saved = flat_shapes(self.manager.item_metadata(step)["state"].tree)
+        problems = describe_mismatch(saved, flat_shapes(abstract_state))
+        if problems:
+            raise CheckpointMismatchError(
+                f"checkpoint step {step} in {self.manager.directory} does not match this model "
+                f"(was it written by another model or config?):\n{problems}")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
