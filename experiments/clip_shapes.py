@@ -29,7 +29,7 @@ def get_config(arg=None):
     if arg.res:
         config.data.image_size = arg.res
     res = config.data.image_size
-    width = 64 if arg.smoke else 128
+    width = 64 if arg.smoke else 96
 
     config.model = ml_collections.ConfigDict(dict(
         name="dual_encoder",
@@ -37,14 +37,14 @@ def get_config(arg=None):
         logit_scale_init=2.6592600369262695,          # log(1 / 0.07), as CLIP
         dtype="float32",
         remat=False,
-        image=dict(type="vit", patch_size=res // 8, width=width, depth=2 if arg.smoke else 4,
+        image=dict(type="vit", patch_size=res // 8, width=width, depth=2 if arg.smoke else 3,
                    num_heads=4, mlp_dim=4 * width, image_size=res, pool="cls"),
-        text=dict(width=width, depth=2 if arg.smoke else 4, num_heads=4, mlp_dim=4 * width,
+        text=dict(width=width, depth=2 if arg.smoke else 3, num_heads=4, mlp_dim=4 * width,
                   context_length=config.data.get_ref("text_length"), causal=True, pool="eot"),
     ))
     config.method = ml_collections.ConfigDict(dict(name="contrastive", loss="softmax",
                                                    mask_ratio=0.0))
-    steps = arg.steps or (300 if arg.smoke else 1500)
+    steps = arg.steps or (300 if arg.smoke else 600)
     config.optim = ml_collections.ConfigDict(dict(
         name="adamw", lr=1e-3, warmup_steps=max(steps // 20, 1), end_factor=0.0,
         b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1, grad_clip_norm=1.0))

@@ -4,6 +4,7 @@
     vlp-jax train --config experiments/clip_shapes.py:smoke --config.train.batch_size=64 ...
     vlp-jax eval  --config experiments/clip_shapes.py --workdir workdirs/clip
     vlp-jax build-data --config experiments/clip_shapes.py
+    vlp-jax sweep --config experiments/ablation_flip_ratio.py[:smoke] --workdir workdirs/flip
 
 `--config path[:arg]` loads `get_config(arg)` from the file; any field can be overridden with
 `--config.a.b=value`.
@@ -16,7 +17,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-COMMANDS = ("train", "eval", "build-data")
+COMMANDS = ("train", "eval", "build-data", "sweep")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file (get_config).",
                                           lock_config=True)
@@ -39,6 +40,18 @@ def _run(command: str) -> None:
         raise app.UsageError(f"`vlp-jax {command}` needs --workdir")
     from vlp_jax.train.preemption import EXIT_PREEMPTED, Preempted
     from vlp_jax.train.trainer import evaluate_checkpoint, train_and_evaluate
+    if command == "sweep":   # every variant of an ablation file, then W/sweep.md + sweep.json
+        from vlp_jax.sweep import markdown_table, run_sweep
+        flag = flags.FLAGS["config"]
+        try:
+            rows = run_sweep(config_flags.get_config_filename(flag), _WORKDIR.value,
+                             overrides=config_flags.get_override_values(flag),
+                             progress=not _NO_PROGRESS.value)
+        except Preempted as e:
+            print(str(e), file=sys.stderr)
+            sys.exit(EXIT_PREEMPTED)
+        print(markdown_table(rows))
+        return
     if command == "train":
         try:
             result = train_and_evaluate(config, _WORKDIR.value, progress=not _NO_PROGRESS.value)

@@ -9,10 +9,18 @@ config.method fields:
   micro_batches: number of pieces for the two accumulation modes.
   chunk_size: > 0 selects the memory-bounded chunked softmax loss (column chunks of this
     size); for 'sigmoid', `ring=True` selects the ppermute ring instead of the all-gather.
+  unmasked_tuning_steps: FLIP's last phase: the final N of `total_steps` steps run without
+    masking (0 = off); `total_steps` is linked to train.num_steps by the experiment file.
+  frozen: parameter subtrees the optimizer leaves fixed ('/'-paths under params): LiT's
+    ['image_tower', 'image_proj'] (their gradient is not even computed), or ['logit_scale']
+    for a fixed temperature.
+  warm_start: dict(workdir, params, step) copying parameter subtrees from another run's
+    checkpoint at initialisation (LiT's locked tower; `vlp_jax.train.warm_start`).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 
@@ -24,6 +32,7 @@ from vlp_jax.methods.grad_cache import (grad_cache_value_and_grad,
                                         plain_accumulation_value_and_grad)
 from vlp_jax.models.vit import random_keep_ids
 from vlp_jax.parallel.sharding import shard_batch_fn
+from vlp_jax.train.warm_start import apply_warm_start, trainable_mask
 
 LOSSES = ("softmax", "sigmoid")
 ACCUMULATION = ("none", "grad_cache", "plain")
@@ -46,6 +55,15 @@ class ContrastiveMethod(Method):
             raise ValueError(f"method.accumulation {accumulation!r} is unknown; valid: {ACCUMULATION}")
         self._kind = kind
         self._itc = shard_batch_fn(self._loss_body(), self.mesh, 2, 1 if kind == "softmax" else 2)
+        tower = getattr(self.model, "image_tower", None)
+        if ratio > 0 and tower is not None and not hasattr(tower, "patch_size"):
+            raise ValueError("method.mask_ratio > 0 (FLIP) needs a patch-based image tower "
+                             f"(model.image.type='vit'), not {type(tower).__name__}")
+        tuning = self.config.get("unmasked_tuning_steps", 0)
+        if tuning and self.config.get("total_steps", 0) <= 0:
+            raise ValueError("method.unmasked_tuning_steps needs method.total_steps (link it: "
+                             "config.method.total_steps = config.train.get_ref('num_steps'))")
+        self._image_locked = {"image_tower", "image_proj"} <= set(self.config.get("frozen", ()))
 
     def _loss_body(self):
         chunk = self.config.get("chunk_size", 0)
@@ -57,9 +75,18 @@ class ContrastiveMethod(Method):
         return ring_sigmoid_contrastive_loss if self.config.get("ring", False) \
             else sigmoid_contrastive_loss
 
-    def keep_ids(self, rng, images):
+    def init_params(self, rng, batch):
+        """Fresh parameters, with `method.warm_start` subtrees copied from a checkpoint."""
+        return apply_warm_start(super().init_params(rng, batch),
+                                self.config.get("warm_start", None))
+
+    def trainable(self, params):
+        frozen = tuple(self.config.get("frozen", ()))
+        return trainable_mask(params, frozen) if frozen else None
+
+    def keep_ids(self, rng, images, masked=True):
         """FLIP masking: indices of the kept patches [B, K], or None without masking."""
-        ratio = self.config.get("mask_ratio", 0.0)
+        ratio = self.config.get("mask_ratio", 0.0) if masked else 0.0
         if ratio == 0.0:
             return None
         tower = self.model.image_tower
@@ -67,11 +94,13 @@ class ContrastiveMethod(Method):
         keep = max(1, int(round(num_patches * (1.0 - ratio))))
         return random_keep_ids(rng, images.shape[0], num_patches, keep)
 
-    def embed(self, params, batch, rng):
+    def embed(self, params, batch, rng, masked=True):
         """(image_emb [B, D], text_emb [B, D]) of a batch (FLIP masking drawn from rng)."""
         variables = {"params": params}
-        u = self.model.apply(variables, batch["image"], self.keep_ids(rng, batch["image"]),
+        u = self.model.apply(variables, batch["image"], self.keep_ids(rng, batch["image"], masked),
                              method="encode_image")
+        if self._image_locked:
+            u = jax.lax.stop_gradient(u)
         v = self.model.apply(variables, batch["text"], method="encode_text")
         return u, v
 
@@ -85,21 +114,40 @@ class ContrastiveMethod(Method):
         """(loss, metrics) of the contrastive loss over the whole (sharded) batch."""
         return self._itc(*embeddings, *scalars)
 
-    def loss(self, params, aux, batch, rng, step):
-        loss, metrics = self.itc(self.embed(params, batch, rng), self.scalars(params))
+    def loss(self, params, aux, batch, rng, step, masked=True):
+        loss, metrics = self.itc(self.embed(params, batch, rng, masked), self.scalars(params))
         return loss, metrics, aux
 
     def value_and_grad(self, params, aux, batch, rng, step):
+        """FLIP unmasked tuning: `lax.cond` on the step picks the masked or the unmasked
+        computation; both are compiled (their shapes differ), only one runs per step."""
+        tuning = self.config.get("unmasked_tuning_steps", 0)
+        if not tuning or self.config.get("mask_ratio", 0.0) == 0.0:
+            return self._value_and_grad(params, aux, batch, rng, step, True)
+        start = self.config.total_steps - tuning
+        return jax.lax.cond(
+            step >= start,
+            lambda: self._value_and_grad(params, aux, batch, rng, step, False),
+            lambda: self._value_and_grad(params, aux, batch, rng, step, True))
+
+    def _value_and_grad(self, params, aux, batch, rng, step, masked):
         mode = self.config.get("accumulation", "none")
         pieces = self.config.get("micro_batches", 1)
+        embed = self.embed if masked else functools.partial(self.embed, masked=False)
         if mode == "none" or pieces == 1:
-            return super().value_and_grad(params, aux, batch, rng, step)
+            if masked:
+                return super().value_and_grad(params, aux, batch, rng, step)
+
+            def loss_fn(p):
+                loss, metrics, new_aux = self.loss(p, aux, batch, rng, step, masked=False)
+                return loss, (metrics, new_aux)
+            return jax.value_and_grad(loss_fn, has_aux=True)(params)
         if mode == "grad_cache":
             (loss, metrics), grads = grad_cache_value_and_grad(
-                self.embed, self.scalars, self.itc, params, batch, rng, pieces)
+                embed, self.scalars, self.itc, params, batch, rng, pieces)
         else:
             def loss_of_batch(p, mb, key):
-                return self.itc(self.embed(p, mb, key), self.scalars(p))
+                return self.itc(embed(p, mb, key), self.scalars(p))
             (loss, metrics), grads = plain_accumulation_value_and_grad(
                 loss_of_batch, params, batch, rng, pieces)
         return (loss, (metrics, aux)), grads

@@ -13,6 +13,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from vlp_jax.models.dual_encoder import DualEncoder
+from vlp_jax.models.fusion import build_fusion_model
+from vlp_jax.models.resnet import build_resnet
+from vlp_jax.models.single_stream import build_single_stream
 from vlp_jax.models.text import TextTransformer
 from vlp_jax.models.vit import ViT
 
@@ -41,7 +44,7 @@ def build_text(cfg: ml_collections.ConfigDict, vocab: dict, dtype=jnp.float32,
                            dtype=dtype)
 
 
-IMAGE_TOWERS: dict[str, Callable[..., nn.Module]] = {"vit": build_vit}
+IMAGE_TOWERS: dict[str, Callable[..., nn.Module]] = {"vit": build_vit, "resnet": build_resnet}
 
 
 def build_image_tower(cfg, dtype=jnp.float32, remat=False) -> nn.Module:
@@ -61,6 +64,7 @@ def build_dual_encoder(cfg: ml_collections.ConfigDict, vocab: dict) -> DualEncod
 
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {"dual_encoder": build_dual_encoder}
+_BUILDERS.update(single_stream=build_single_stream, albef=build_fusion_model)
 
 
 def build_model(cfg: ml_collections.ConfigDict, vocab: dict) -> nn.Module:

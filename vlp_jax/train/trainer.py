@@ -33,7 +33,7 @@ class NonFiniteError(RuntimeError):
 
 
 def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
-    """Checks that need no compilation; raises ValueError naming the field."""
+    """Checks that need no compilation; raises ValueError naming the field and valid values."""
     dp = data_parallel_size(mesh)
     bs = config.train.batch_size
     if bs <= 0 or bs % dp:
@@ -44,6 +44,20 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
                          f"{jax.process_count()}")
     if config.train.num_steps <= 0:
         raise ValueError(f"train.num_steps must be positive, got {config.train.num_steps}")
+    method = config.method
+    pieces = method.get("micro_batches", 1)
+    if method.get("accumulation", "none") != "none" and (pieces < 1 or (bs // dp) % pieces):
+        raise ValueError(f"method.micro_batches={pieces} must divide the per-device batch "
+                         f"{bs // dp} (train.batch_size={bs} over {dp} devices)")
+    model, data = config.model, config.data
+    image = model.get("image", None)
+    if image is not None and "image_size" in image and image.image_size != data.image_size:
+        raise ValueError(f"model.image.image_size={image.image_size} contradicts "
+                         f"data.image_size={data.image_size}")
+    text = model.get("text", None)
+    if text is not None and "context_length" in text and text.context_length < data.text_length:
+        raise ValueError(f"model.text.context_length={text.context_length} is shorter than "
+                         f"data.text_length={data.text_length}")
 
 
 class Experiment:

@@ -1,0 +1,131 @@
+"""open_clip (PyTorch, CPU) train-step throughput for the config of `train_throughput.py`.
+
+Runs inside `benchmarks/.venv-openclip` (torch 2.14.1, torchvision 0.29.1, open_clip_torch),
+never in the JAX environment. Builds `open_clip.CLIP` from a custom vision/text config, trains
+with AdamW + `ClipLoss` (+ global-norm clipping, as vlp_jax's optimizer) on one random batch,
+and prints one JSON line: samples/s, step time, parameter count, matmul FLOPs per step
+(torch's FlopCounterMode: 2 M N K per matmul, forward + backward) and this process's measured
+large-matmul FLOP/s.
+
+    benchmarks/.venv-openclip/bin/python benchmarks/openclip_step.py --batch 64
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import open_clip
+import torch
+from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--patch-size", type=int, default=4)
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--text-width", type=int, default=128)
+    p.add_argument("--text-layers", type=int, default=4)
+    p.add_argument("--text-heads", type=int, default=4)
+    p.add_argument("--context", type=int, default=16)
+    p.add_argument("--vocab", type=int, default=1024)
+    p.add_argument("--embed-dim", type=int, default=128)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats (best and median reported)")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = default)")
+    return p.parse_args(argv)
+
+
+def build(args) -> open_clip.CLIP:
+    vision = CLIPVisionCfg(layers=args.layers, width=args.width,
+                           head_width=args.width // args.heads, mlp_ratio=4.0,
+                           patch_size=args.patch_size, image_size=args.image_size)
+    text = CLIPTextCfg(context_length=args.context, vocab_size=args.vocab,
+                       width=args.text_width, heads=args.text_heads, layers=args.text_layers,
+                       mlp_ratio=4.0)
+    return open_clip.CLIP(embed_dim=args.embed_dim, vision_cfg=vision, text_cfg=text)
+
+
+def random_batch(args, gen: torch.Generator):
+    """Images in [-1, 1]; captions `bos w... eot pad...` with eot the largest id (open_clip's
+    'argmax' pooling finds it that way)."""
+    images = torch.rand(args.batch, 3, args.image_size, args.image_size, generator=gen) * 2 - 1
+    text = torch.zeros(args.batch, args.context, dtype=torch.long)
+    lengths = torch.randint(2, args.context - 1, (args.batch,), generator=gen)
+    for i, n in enumerate(lengths.tolist()):
+        text[i, 0] = 1
+        text[i, 1:n + 1] = torch.randint(2, args.vocab - 1, (n,), generator=gen)
+        text[i, n + 1] = args.vocab - 1
+    return images, text
+
+
+def make_step(model, optimizer, loss_fn, images, text):
+    def step():
+        image_f, text_f, scale = model(images, text)
+        loss = loss_fn(image_f, text_f, scale)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        return loss
+    return step
+
+
+def matmul_flops_per_sec(n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / min(times)
+
+
+def step_flops(step) -> float | None:
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+    except ImportError:
+        return None
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = build(args).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98), eps=1e-6,
+                                  weight_decay=0.1)
+    images, text = random_batch(args, torch.Generator().manual_seed(0))
+    step = make_step(model, optimizer, open_clip.ClipLoss(), images, text)
+    for _ in range(args.warmup):
+        step()
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            loss = step()
+        loss = loss.detach().item()
+        times.append((time.perf_counter() - t0) / args.steps)
+    step_s = statistics.median(times)
+    print(json.dumps(dict(
+        framework="open_clip", torch=torch.__version__, open_clip=open_clip.__version__,
+        threads=torch.get_num_threads(), batch=args.batch, step_ms=1e3 * step_s,
+        samples_per_sec=args.batch / step_s, repeats_ms=[1e3 * t for t in times],
+        params=sum(p.numel() for p in model.parameters()),
+        matmul_flops_per_step=step_flops(step), peak_flops_per_sec=matmul_flops_per_sec(),
+        final_loss=loss)))
+
+
+if __name__ == "__main__":
+    main()

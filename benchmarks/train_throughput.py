@@ -1,0 +1,207 @@
+"""CLIP train-step throughput on one CPU device: vlp_jax against open_clip (PyTorch).
+
+(i)   vlp_jax: the shared jitted train step (`vlp_jax.train.step`) of the contrastive method on
+      a tiny ViT + causal text transformer, one synthetic batch kept on device; compilation and
+      warm-up steps excluded, `--repeats` runs of `--steps` steps timed; the best and the median
+      repeat are reported (the best is the one least disturbed by other jobs on a shared machine).
+(ii)  model FLOPs per step from XLA (`compiled.cost_analysis()['flops']`), the achieved FLOP/s
+      and their ratio to this process's measured large-matmul FLOP/s (the practical peak).
+(iii) with `--with-open-clip`: the same model and batch in open_clip, run by
+      `benchmarks/openclip_step.py` inside `benchmarks/.venv-openclip` (created on first use:
+      torch 2.14.1 + torchvision 0.29.1 + open_clip_torch, ~5.6 GB, several minutes).
+
+    python benchmarks/train_throughput.py                  # vlp_jax only
+    python benchmarks/train_throughput.py --with-open-clip # both, and their ratio
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VENV = os.path.join(HERE, ".venv-openclip")
+OPENCLIP_PACKAGES = ("torch==2.14.1", "torchvision==0.29.1", "open_clip_torch")
+# Flags shared by this script and openclip_step.py (name, default).
+MODEL_FLAGS = (("image-size", 32), ("patch-size", 4), ("width", 128), ("layers", 4),
+               ("heads", 4), ("text-width", 128), ("text-layers", 4), ("text-heads", 4),
+               ("context", 16), ("vocab", 1024), ("embed-dim", 128), ("batch", 64))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for name, default in MODEL_FLAGS:
+        p.add_argument(f"--{name}", type=int, default=default)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats (best and median reported)")
+    p.add_argument("--with-open-clip", action="store_true",
+                   help=f"also run open_clip in {VENV} (created if absent)")
+    return p.parse_args(argv)
+
+
+def clip_config(args):
+    """The experiment sections the contrastive method needs, for the benchmark's model."""
+    import ml_collections
+    return ml_collections.ConfigDict(dict(
+        model=dict(name="dual_encoder", embed_dim=args.embed_dim, dtype="float32", remat=False,
+                   image=dict(type="vit", patch_size=args.patch_size, width=args.width,
+                              depth=args.layers, num_heads=args.heads, mlp_dim=4 * args.width,
+                              image_size=args.image_size, pool="cls"),
+                   text=dict(width=args.text_width, depth=args.text_layers,
+                             num_heads=args.text_heads, mlp_dim=4 * args.text_width,
+                             context_length=args.context, causal=True, pool="eot")),
+        method=dict(name="contrastive", loss="softmax", mask_ratio=0.0),
+        optim=dict(name="adamw", lr=1e-3, warmup_steps=10, b1=0.9, b2=0.98, eps=1e-6,
+                   weight_decay=0.1, grad_clip_norm=1.0),
+    ))
+
+
+def synthetic_batch(args, seed: int = 0) -> dict:
+    """image float32 [B, H, W, 3] in [-1, 1]; text int32 [B, L] `bos w... eos pad...`."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    image = rng.uniform(-1, 1, (args.batch, args.image_size, args.image_size, 3))
+    text = np.zeros((args.batch, args.context), np.int32)
+    for i, n in enumerate(rng.integers(2, args.context - 1, args.batch)):
+        text[i, 0], text[i, n + 1] = 1, 2
+        text[i, 1:n + 1] = rng.integers(3, args.vocab, n)
+    return dict(image=image.astype(np.float32), text=text)
+
+
+def matmul_flops_per_sec(n: int = 2048, reps: int = 5) -> float:
+    """Best-of-`reps` FLOP/s of one jitted float32 n x n x n matmul on the default device."""
+    import jax
+    import jax.numpy as jnp
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    mm = jax.jit(jnp.matmul)
+    mm(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        mm(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):   # older JAX: one dict per computation
+        cost = cost[0]
+    return float(cost["flops"])
+
+
+def bench_vlp_jax(args) -> dict:
+    import jax
+    from vlp_jax.methods.registry import build_method
+    from vlp_jax.parallel.mesh import make_mesh, to_global_batch
+    from vlp_jax.parallel.sharding import DEFAULT_RULES
+    from vlp_jax.train.optim import make_optimizer
+    from vlp_jax.train.step import init_state, make_train_step, state_shardings
+
+    cfg = clip_config(args)
+    vocab = dict(vocab_size=args.vocab, pad_id=0, bos_id=1, eos_id=2, mask_id=args.vocab - 1)
+    mesh = make_mesh(devices=jax.devices()[:1])
+    method = build_method(cfg, vocab, mesh)
+    host_batch = synthetic_batch(args)
+    tx, _, shardings = state_shardings(method, lambda m: make_optimizer(cfg.optim, 1000, m),
+                                       jax.random.key(0), host_batch, DEFAULT_RULES)
+    state = init_state(method, tx, jax.random.key(0), host_batch, shardings)
+    batch = to_global_batch(host_batch, mesh)
+    t0 = time.perf_counter()
+    step = make_train_step(method, tx, shardings).lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    for _ in range(args.warmup):
+        state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        times.append((time.perf_counter() - t0) / args.steps)
+    step_s = statistics.median(times)
+    return dict(framework="vlp_jax", jax=jax.__version__, batch=args.batch,
+                step_ms=1e3 * step_s, samples_per_sec=args.batch / step_s,
+                repeats_ms=[1e3 * t for t in times],
+                params=sum(x.size for x in jax.tree.leaves(state.params)),
+                flops_per_step=_flops(step), peak_flops_per_sec=matmul_flops_per_sec(),
+                compile_s=compile_s, final_loss=float(metrics["loss"]))
+
+
+def ensure_openclip_venv() -> str:
+    """Path of the venv's python; creates the venv and installs the pinned packages if absent."""
+    python = os.path.join(VENV, "bin", "python")
+    ok = os.path.exists(python) and subprocess.run(
+        [python, "-c", "import open_clip, torch"], capture_output=True).returncode == 0
+    if not ok:
+        print(f"creating {VENV} ({' '.join(OPENCLIP_PACKAGES)}; ~5.6 GB, several minutes)",
+              file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "venv", VENV], check=True)
+        subprocess.run([python, "-m", "pip", "install", *OPENCLIP_PACKAGES], check=True)
+    return python
+
+
+def bench_openclip(args) -> dict:
+    python = ensure_openclip_venv()
+    flags = [f"--{name}={getattr(args, name.replace('-', '_'))}" for name, _ in MODEL_FLAGS]
+    flags += [f"--warmup={args.warmup}", f"--steps={args.steps}", f"--repeats={args.repeats}"]
+    out = subprocess.run([python, os.path.join(HERE, "openclip_step.py"), *flags],
+                         capture_output=True, text=True, timeout=1800)
+    if out.returncode:
+        raise RuntimeError(f"openclip_step.py failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def best_step_s(r: dict) -> float:
+    """The fastest timed repeat: on a shared machine, the least disturbed by other jobs."""
+    return min(r["repeats_ms"]) / 1e3
+
+
+def table(results: list[dict]) -> str:
+    header = ["implementation", "samples/s (best)", "samples/s (median)", "step ms (best)",
+              "params", "GFLOP/step", "achieved GFLOP/s", "matmul peak GFLOP/s", "% of peak"]
+    rows = []
+    for r in results:
+        flops = r.get("flops_per_step") or r.get("matmul_flops_per_step")
+        achieved = flops / best_step_s(r) if flops else None
+        rows.append([r["framework"], f"{r['batch'] / best_step_s(r):.0f}",
+                     f"{r['samples_per_sec']:.0f}", f"{1e3 * best_step_s(r):.1f}",
+                     f"{r['params'] / 1e6:.2f} M",
+                     f"{flops / 1e9:.1f}" if flops else "-",
+                     f"{achieved / 1e9:.1f}" if achieved else "-",
+                     f"{r['peak_flops_per_sec'] / 1e9:.0f}",
+                     f"{100 * achieved / r['peak_flops_per_sec']:.0f}%" if achieved else "-"])
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    sys.path.insert(0, os.path.dirname(HERE))
+    results = [bench_vlp_jax(args)]
+    print(json.dumps(results[0]), file=sys.stderr, flush=True)
+    if args.with_open_clip:
+        results.append(bench_openclip(args))
+        print(json.dumps(results[1]), file=sys.stderr, flush=True)
+    print(f"\nCLIP train step, batch {args.batch}: ViT {args.image_size}px/{args.patch_size} "
+          f"width {args.width} depth {args.layers}; text width {args.text_width} depth "
+          f"{args.text_layers} context {args.context} vocab {args.vocab}; embed {args.embed_dim}; "
+          f"AdamW; 1 CPU device, float32\n")
+    print(table(results))
+    if len(results) == 2:
+        jx, pt = results
+        print(f"\nvlp_jax / open_clip samples/s: {best_step_s(pt) / best_step_s(jx):.2f} (best), "
+              f"{jx['samples_per_sec'] / pt['samples_per_sec']:.2f} (median)")
+    print("\nGFLOP/step: vlp_jax from XLA cost_analysis (all ops, fwd+bwd+optimizer); open_clip "
+          "from torch FlopCounterMode (matmuls and attention only).")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""Ablation: learnable vs fixed softmax temperature (CLIP's loss, T starting at 0.07).
+
+`temp=fixed` freezes `logit_scale` at its initial value through the optimizer's trainable
+mask (`method.frozen=['logit_scale']`); `temp=learnable` is experiments/clip_shapes.py.
+
+    vlp-jax sweep --config experiments/ablation_temperature.py:smoke --workdir workdirs/abl_temp
+
+Arguments: temp ('learnable' or 'fixed'); init (initial temperature, 0.07); smoke, steps,
+batch, res (as clip_shapes).
+"""
+import math
+import os
+
+from vlp_jax.config_args import load_config, parse_arg
+
+CLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_shapes.py")
+VARIANTS = ["temp=learnable", "temp=fixed"]
+MODES = ("learnable", "fixed")
+
+
+def get_config(arg=None):
+    arg = parse_arg(arg, temp="learnable", init=0.07, smoke=False, steps=0, batch=0, res=0)
+    if arg.temp not in MODES:
+        raise ValueError(f"ablation_temperature: temp={arg.temp!r} is unknown; valid: {MODES}")
+    config = load_config(f"{CLIP}:smoke={arg.smoke},steps={arg.steps},batch={arg.batch},"
+                         f"res={arg.res}")
+    config.model.logit_scale_init = math.log(1.0 / arg.init)
+    config.method.frozen = ["logit_scale"] if arg.temp == "fixed" else []
+    return config

@@ -1,0 +1,33 @@
+"""LiT (Zhai et al. 2022, "locked-image tuning") on the shapes world.
+
+The image tower and its projection come from an earlier CLIP run's checkpoint and stay
+locked: only the text tower (and the temperature) trains, learning to read out the image
+embedding space that already exists. The image parameters are copied by
+`method.warm_start` (only that subtree is read from the checkpoint, shapes checked) and
+frozen by `method.frozen` (the optimizer gives them no update and no moments, and their
+gradient is not computed). The loss is CLIP's softmax InfoNCE.
+
+    vlp-jax train --config experiments/clip_shapes.py --workdir workdirs/clip_shapes
+    vlp-jax train --config experiments/lit_shapes.py --workdir workdirs/lit_shapes
+    vlp-jax train --config experiments/lit_shapes.py:init=/path/to/clip_workdir,smoke ...
+
+Arguments: smoke, steps, batch, res (as clip_shapes; the image tower must match the
+checkpoint's, so pass the same smoke/res as that run); init (the CLIP run's WORKDIR,
+default workdirs/clip_shapes); step (checkpoint step, -1 = latest).
+"""
+import os
+
+from vlp_jax.config_args import load_config, parse_arg
+
+CLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_shapes.py")
+LOCKED = ["image_tower", "image_proj"]
+
+
+def get_config(arg=None):
+    arg = parse_arg(arg, smoke=False, steps=0, batch=0, res=0, init="workdirs/clip_shapes",
+                    step=-1)
+    config = load_config(f"{CLIP}:smoke={arg.smoke},steps={arg.steps},batch={arg.batch},"
+                         f"res={arg.res}")
+    config.method.warm_start = dict(workdir=arg.init, params=list(LOCKED), step=arg.step)
+    config.method.frozen = list(LOCKED)
+    return config

@@ -1,0 +1,71 @@
+"""ViLT (Kim et al. 2021) on the shapes world, and the single-stream family as variants.
+
+One pre-LN transformer over [caption tokens ; image-class token ; linear patch embeddings]
+(`model.name='single_stream'`), pretrained with MLM + ITM + 0.1 * WPA (ViLT's recipe; a random
+other image replaces the true one for half of the pairs). Data, optimiser, training loop and
+mesh are those of clip_shapes.py. Evaluation: retrieval ranked by the unimodal embeddings and
+re-ranked by the ITM head (`itm_rerank_retrieval`, with the N x M cross-encoder cost
+extrapolated).
+
+    vlp-jax train --config experiments/vilt_shapes.py --workdir workdirs/vilt_shapes
+    vlp-jax train --config experiments/vilt_shapes.py:smoke --workdir /tmp/vilt_smoke
+    vlp-jax train --config experiments/vilt_shapes.py:variant=uniter --workdir workdirs/uniter
+
+Arguments: smoke, steps, batch, res (as clip_shapes); variant:
+  vilt        image class token, modality-type embeddings; MLM + ITM + 0.1 WPA summed each step
+  uniter      no image class token; MLM / ITM(+WPA) / MRFR / MRC-kl, one task per step sampled
+              with UNITER's mix ratios (mlm 8, itm 6, mrfr 4, mrc_kl 4), conditional masking,
+              classes from a frozen 64-way k-means codebook of patch pixels
+  visualbert  no image class token; MLM + ITM (sentence-image prediction) summed
+  vlbert      no image class token; MLM + MRC (VL-BERT drops ITM; its ITM head stays untrained,
+              so it has no retrieval evaluation)
+and wwm (whole-word masking, used when the tokenizer provides a word-start table).
+Reference settings (ViLT ViT-B/32, 200k steps at batch 4096, lr 1e-4) are out of reach on CPU;
+this is the same recipe at toy scale.
+"""
+import os
+
+import ml_collections
+
+from vlp_jax.config_args import load_config, parse_arg
+
+CLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_shapes.py")
+
+VARIANTS = {
+    "vilt": dict(image_cls=True, objectives=("mlm", "itm", "wpa"), mixing="sum"),
+    "uniter": dict(image_cls=False, objectives=("mlm", "itm", "wpa", "mrfr", "mrc_kl"),
+                   mixing="sample", task_ratios=dict(mlm=8.0, itm=6.0, mrfr=4.0, mrc_kl=4.0)),
+    "visualbert": dict(image_cls=False, objectives=("mlm", "itm"), mixing="sum"),
+    "vlbert": dict(image_cls=False, objectives=("mlm", "mrc"), mixing="sum"),
+}
+
+
+def get_config(arg=None):
+    arg = parse_arg(arg, smoke=False, steps=0, batch=0, res=0, variant="vilt", wwm=False)
+    if arg.variant not in VARIANTS:
+        raise ValueError(f"unknown variant {arg.variant!r}; valid: {sorted(VARIANTS)}")
+    variant = dict(VARIANTS[arg.variant])
+    config = load_config(f"{CLIP}:smoke={arg.smoke},steps={arg.steps},batch={arg.batch},"
+                         f"res={arg.res}")
+    res = config.data.image_size
+    width = 64 if arg.smoke else 128
+    config.model = ml_collections.ConfigDict(dict(
+        name="single_stream", width=width, depth=2 if arg.smoke else 4, num_heads=4,
+        mlp_dim=4 * width, dtype="float32", remat=False,
+        image=dict(image_size=res, patch_size=res // 8),
+        text=dict(context_length=config.data.get_ref("text_length")),
+        image_cls=variant.pop("image_cls"), type_embeddings=True,
+        num_mrc_classes=64 if {"mrc", "mrc_kl"} & set(variant["objectives"]) else 0,
+    ))
+    config.method = ml_collections.ConfigDict(dict(
+        name="vilt", weights=dict(wpa=0.1), mlm_prob=0.15, mrm_prob=0.15,
+        whole_word_masking=arg.wwm, mrc_temperature=1.0, kmeans_iterations=10, **variant))
+    config.optim.update(dict(lr=1e-3, weight_decay=0.01))     # ViLT: AdamW, wd 0.01
+    if arg.variant == "vlbert":
+        config.evals = ml_collections.ConfigDict()
+    else:
+        config.evals = ml_collections.ConfigDict(dict(
+            rerank=dict(type="itm_rerank_retrieval", split="test",
+                        max_examples=128 if arg.smoke else 512, batch_size=128, k=16),
+        ))
+    return config

@@ -1,0 +1,290 @@
+"""ViLT / UNITER and ALBEF methods: their pieces, their state, and that they learn."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from vlp_jax.methods.albef import AlbefMethod
+from vlp_jax.methods.registry import build_method
+from vlp_jax.methods.vilt import half_positive_labels, wpa_text_mask
+from vlp_jax.parallel.mesh import make_mesh, to_global_batch
+from vlp_jax.parallel.sharding import DEFAULT_RULES
+from vlp_jax.train.optim import make_optimizer
+from vlp_jax.train.step import init_state, make_train_step, state_shardings
+from tests.test_fusion_models import albef_cfg, single_cfg
+
+VOCAB = dict(vocab_size=40, pad_id=0, bos_id=1, eos_id=2, mask_id=3)
+
+
+def _cfg(model, **method):
+    return ml_collections.ConfigDict(dict(model=model, method=method))
+
+
+def _batch(n=16, seed=0):
+    """Images whose colour is tied to the caption's words: a learnable toy pairing."""
+    r = np.random.default_rng(seed)
+    words = r.integers(4, 40, (n, 4))
+    text = np.zeros((n, 8), np.int32)
+    text[:, 0], text[:, 1:5], text[:, 5] = 1, words, 2
+    image = np.broadcast_to(((words[:, :1] - 4) / 36 * 2 - 1)[:, :, None, None],
+                            (n, 16, 16, 3)).astype(np.float32)
+    image = image + 0.05 * r.normal(size=image.shape).astype(np.float32)
+    return dict(image=image, text=text)
+
+
+def _state(method, batch, steps=50):
+    tx, _, sh = state_shardings(method, lambda m: make_optimizer(
+        ml_collections.ConfigDict(dict(lr=3e-3, warmup_steps=2, weight_decay=0.0)), steps, m),
+        jax.random.key(0), batch, DEFAULT_RULES)
+    return init_state(method, tx, jax.random.key(0), batch, sh), make_train_step(method, tx, sh)
+
+
+def test_wpa_text_mask_drops_cls_eos_and_padding():
+    valid = jnp.array([[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0, 0]], bool)
+    np.testing.assert_array_equal(wpa_text_mask(valid),
+                                  [[0, 1, 1, 1, 0, 0, 0], [0, 1, 0, 0, 0, 0, 0]])
+
+
+def test_half_of_the_itm_pairs_are_positive():
+    for seed in range(3):
+        labels = np.asarray(half_positive_labels(jax.random.key(seed), 16))
+        assert labels.sum() == 8 and set(labels) == {0, 1}
+    assert np.asarray(half_positive_labels(jax.random.key(0), 7)).sum() == 4
+
+
+def test_uniter_task_mixing_steps_are_finite_and_the_codebook_is_fitted_once():
+    """UNITER: one task per step among all five (ViLT's summed MLM + ITM + WPA is trained in the
+    learning test below)."""
+    mesh = make_mesh()
+    method = build_method(_cfg(single_cfg(), name="vilt",
+                               objectives=("mlm", "itm", "wpa", "mrfr", "mrc", "mrc_kl"),
+                               mixing="sample",
+                               task_ratios=dict(mlm=2.0, itm=1.0, mrfr=1.0, mrc=1.0, mrc_kl=1.0)),
+                          VOCAB, mesh)
+    batch = _batch()
+    state, step = _state(method, batch)
+    codebooks = []
+    assert not bool(state.aux["codebook_ready"])
+    for i in range(4):
+        state, metrics = step(state, to_global_batch(_batch(seed=i), mesh))
+        assert np.isfinite(float(metrics["loss"])) and float(metrics["finite"]) == 1.0
+        codebooks.append(np.asarray(state.aux["codebook"]))
+    assert bool(state.aux["codebook_ready"])
+    assert np.abs(codebooks[0]).sum() > 0                          # fitted on real patches
+    np.testing.assert_array_equal(codebooks[0], codebooks[-1])     # and frozen after
+
+
+def test_vilt_rejects_bad_configs():
+    mesh = make_mesh()
+    with pytest.raises(ValueError, match="method.objectives"):
+        build_method(_cfg(single_cfg(), name="vilt", objectives=("mlm", "nope")), VOCAB, mesh)
+    with pytest.raises(ValueError, match="'wpa'"):
+        build_method(_cfg(single_cfg(), name="vilt", objectives=("mlm", "wpa")), VOCAB, mesh)
+    with pytest.raises(ValueError, match="num_mrc_classes"):
+        build_method(_cfg(single_cfg(num_mrc_classes=0), name="vilt", objectives=("mrc",)),
+                     VOCAB, mesh)
+    with pytest.raises(ValueError, match="task_ratios"):
+        build_method(_cfg(single_cfg(), name="vilt", objectives=("mlm", "itm"),
+                          mixing="sample", task_ratios=dict(mrfr=1.0)), VOCAB, mesh)
+
+
+def _albef(mesh, **method):
+    method = dict(dict(name="albef", queue_size=40, momentum=0.9, alpha=0.4,
+                       alpha_ramp_steps=2), **method)
+    return build_method(_cfg(albef_cfg(), **method), VOCAB, mesh)
+
+
+def test_albef_ema_teacher_moves_toward_the_student_and_follows_param_shardings():
+    mesh = make_mesh(ml_collections.ConfigDict(dict(axes=dict(data=4, fsdp=2))))
+    method = _albef(mesh)
+    batch = _batch()
+    params = jax.jit(lambda k: nn.meta.unbox(method.init_params(k, batch)))(jax.random.key(0))
+    aux = method.init_aux(params)
+    assert "log_temperature" not in aux["teacher"] and "itm_head" not in aux["teacher"]
+    moved = jax.tree.map(lambda x: x + 1.0, params)
+    new = method.after_update(moved, aux, jnp.array(0))
+    for t, t0 in zip(jax.tree.leaves(new["teacher"]), jax.tree.leaves(aux["teacher"])):
+        np.testing.assert_allclose(t, t0 + 0.1, rtol=1e-5, atol=1e-6)   # 0.9 t + 0.1 (t + 1)
+    from vlp_jax.parallel.sharding import param_shardings
+    boxed = jax.eval_shape(lambda k: method.init_params(k, batch), jax.random.key(0))
+    p_sh = param_shardings(boxed, mesh, DEFAULT_RULES)
+    sh = method.aux_shardings(jax.eval_shape(method.init_aux, params), p_sh)
+    assert jax.tree.structure(sh["teacher"]) == jax.tree.structure(aux["teacher"])
+    kernel = p_sh["text_encoder"]["block0"]["mlp"]["fc1"]["kernel"]
+    assert sh["teacher"]["text_encoder"]["block0"]["mlp"]["fc1"]["kernel"] == kernel
+    assert kernel.spec[0] == "fsdp"                                 # really split (FSDP)
+    assert sh["image_queue"]["feats"].spec == jax.sharding.PartitionSpec()
+
+
+def test_albef_sharded_itc_matches_the_global_view_on_eight_devices():
+    """The ITC under shard_map (each device its rows, momentum features and queues replicated)
+    equals the global-view ITC, in value and gradient. (A whole ALBEF step on 8 devices runs
+    in the learning test below, through the trainer.)"""
+    assert len(jax.devices()) == 8
+    mesh = make_mesh()
+    methods = [_albef(mesh, itc_sharded=s, queue_size=24) for s in (True, False)]
+    r = jax.random.split(jax.random.key(0), 6)
+    unit = lambda k, n: jax.random.normal(k, (n, 24)) / np.sqrt(24.0)
+    u, w, u_m, w_m = unit(r[0], 16), unit(r[1], 16), unit(r[2], 16), unit(r[3], 16)
+    aux = methods[0].init_aux({"log_temperature": jnp.zeros(())})
+    from vlp_jax.losses.distill import queue_push
+    aux = dict(aux, image_queue=queue_push(aux["image_queue"], unit(r[4], 16)),
+               text_queue=queue_push(aux["text_queue"], unit(r[5], 16)))
+    u, w = to_global_batch(dict(u=np.asarray(u), w=np.asarray(w)), mesh).values()
+    outs = []
+    for method in methods:
+        fn = jax.jit(jax.value_and_grad(
+            lambda u, w, t: method.itc(u, w, u_m, w_m, aux, t, 0.4)[0], argnums=(0, 1, 2)))
+        outs.append(fn(u, w, jnp.float32(0.07)))
+    (l_sh, g_sh), (l_gv, g_gv) = outs
+    np.testing.assert_allclose(float(l_sh), float(l_gv), rtol=1e-5)
+    for a, b in zip(g_sh, g_gv):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def _fake_eval_set(n=24, captions=2):
+    from vlp_jax.data.types import EvalSet
+    images = np.zeros((n, 4, 4, 3), np.float32)
+    images[:, 0, 0, 0] = np.arange(n)                                # the image's id
+    caps = [[f"{i} {c}" for c in range(captions)] for i in range(n)]
+    return EvalSet(images=images, captions=caps, labels=np.zeros(n, np.int32),
+                   class_names=["x"], prompt_templates=["{}"])
+
+
+def _fake_encoders(noise):
+    """ITC embeddings: one-hot of the id plus noise; ITM: +1 for the true pair, else 0."""
+    from vlp_jax.methods.base import Encoders
+    rng = np.random.default_rng(0)
+    table = np.eye(24, dtype=np.float32) + noise * rng.normal(size=(24, 24)).astype(np.float32)
+    enc_image = lambda x: table[np.asarray(x)[:, 0, 0, 0].astype(int)]
+    enc_text = lambda t: np.eye(24, dtype=np.float32)[np.asarray(t)[:, 0]]
+    score = lambda x, t: (np.asarray(x)[:, 0, 0, 0].astype(int) == np.asarray(t)[:, 0]) * 1.0
+    return Encoders(encode_image=enc_image, encode_text=enc_text, score_pairs=score)
+
+
+def test_itm_rerank_recovers_every_true_pair_inside_the_top_k():
+    from vlp_jax.evaluators import run_evaluators
+    ds = _fake_eval_set()
+    tokenize = lambda texts: np.array([[int(t.split()[0]), 1] for t in texts], np.int32)
+    cfg = {"r": dict(type="itm_rerank_retrieval", split="test", batch_size=8, k=5,
+                     full_max_pairs=10_000)}
+    out = run_evaluators(cfg, _fake_encoders(noise=0.6), lambda s, m: ds, tokenize)
+    assert out["r/itc_i2t_r1"] < 90.0                              # noisy first stage
+    # Re-ranking puts the true pair first whenever ITC had it in the top 5.
+    assert out["r/i2t_r1"] == pytest.approx(out["r/itc_i2t_r5"])
+    assert out["r/t2i_r1"] == pytest.approx(out["r/itc_t2i_r5"])
+    assert out["r/full_i2t_r1"] == 100.0 and out["r/full_t2i_r1"] == 100.0
+    assert out["r/total_pairs"] == 24 * 48
+    assert 24 * 5 <= out["r/rerank_pairs"] <= 24 * 5 + 48 * 5
+    assert out["r/full_seconds_extrapolated"] > 0 and out["r/rerank_seconds"] > 0
+
+
+def test_itm_rerank_needs_a_pair_scorer():
+    from vlp_jax.evaluators.itm_rerank import evaluate_itm_rerank
+    from vlp_jax.methods.base import Encoders
+    enc = _fake_encoders(0.0)
+    with pytest.raises(ValueError, match="score_pairs"):
+        evaluate_itm_rerank(dict(split="test"), Encoders(enc.encode_image, enc.encode_text),
+                            lambda s, m: _fake_eval_set(), None)
+
+
+# ---- learning tests on the shared tiny shapes dataset -----------------------------------------
+
+def _tiny(experiment, data_config, steps, **model):
+    """An experiment file shrunk to width-32 models on the session's tiny dataset."""
+    import os
+    from vlp_jax.config_args import load_config
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = load_config(os.path.join(root, "experiments", experiment) + ":smoke")
+    config.data = data_config
+    res, length = data_config.image_size, data_config.text_length
+    if config.model.name == "single_stream":
+        config.model.update(dict(width=32, depth=2, num_heads=2, mlp_dim=64, **model))
+        config.model.image.update(image_size=res, patch_size=res // 4)
+    else:
+        config.model.update(dict(embed_dim=32, **model))
+        config.model.image.update(image_size=res, patch_size=res // 4, width=32, depth=1,
+                                  num_heads=2, mlp_dim=64)
+        config.model.text.update(width=32, depth=1, fusion_depth=1, num_heads=2, mlp_dim=64)
+        config.method.update(queue_size=128, alpha_ramp_steps=steps // 4)
+    config.model.text.context_length = length
+    config.optim.update(lr=2e-3, warmup_steps=20)
+    config.train.update(dict(batch_size=32, num_steps=steps, log_every=25,
+                             checkpoint_every=steps))
+    config.evals = ml_collections.ConfigDict(dict(rerank=dict(
+        type="itm_rerank_retrieval", split="validation", max_examples=64, batch_size=64, k=8)))
+    return config
+
+
+def _train(config, workdir):
+    from vlp_jax.train.metrics_log import read_metrics
+    from vlp_jax.train.trainer import train_and_evaluate
+    result = train_and_evaluate(config, str(workdir), progress=False)
+    rows = [r for r in read_metrics(str(workdir)) if "train/loss" in r]
+    # Accuracies averaged over the last three logged steps (one batch each is noisy).
+    tail = {k[len("train/"):]: float(np.mean([r[k] for r in rows[-3:]]))
+            for k in rows[-1] if k.startswith("train/")}
+    return result, rows, tail
+
+
+def _mlm_chance(config):
+    """1 / vocabulary size: a uniform guess of the masked token."""
+    from vlp_jax.train.data_bridge import DataBridge
+    return 1.0 / DataBridge(config.data).vocab()["vocab_size"]
+
+
+def test_vilt_learns_itm_and_mlm_far_above_chance(shapes_data_config, tmp_path):
+    config = _tiny("vilt_shapes.py", shapes_data_config, steps=500)
+    result, rows, last = _train(config, tmp_path)
+    ev = result["eval"]
+    print("ViLT train", last, "eval", ev)
+    assert rows[-1]["train/loss"] < 0.8 * rows[0]["train/loss"], [r["train/loss"] for r in rows]
+    # ITM: half the pairs are matched, so chance (and the majority class) is 50%.
+    assert last["itm_acc"] > 0.75, last
+    # MLM: chance is 1 / vocab_size (a few %); most masked words need the image or the context.
+    assert last["mlm_acc"] > max(0.3, 5 * _mlm_chance(config)), last
+    assert ev["rerank/rerank_pairs"] < ev["rerank/total_pairs"]
+
+
+def test_albef_learns_on_eight_devices_with_ema_and_queues(shapes_data_config, tmp_path):
+    assert len(jax.devices()) == 8          # the trainer's mesh: 8-way data parallel
+    config = _tiny("albef_shapes.py", shapes_data_config, steps=600)
+    assert config.method.itc_sharded        # the ITC runs under shard_map, the rest under jit
+    result, rows, last = _train(config, tmp_path)
+    ev = result["eval"]
+    print("ALBEF train", last, "eval", ev)
+    assert rows[-1]["train/loss"] < 0.8 * rows[0]["train/loss"], [r["train/loss"] for r in rows]
+    # ITM: 1 positive and 2 hard negatives per caption, so always answering "no match" already
+    # scores 2/3; chance of a coin flip is 1/2.
+    assert last["itm_acc"] > 0.8, last
+    assert last["mlm_acc"] > max(0.3, 5 * _mlm_chance(config)), last
+    assert rows[-1]["train/alpha"] == pytest.approx(config.method.alpha)
+    _check_ema_and_queues(config, tmp_path)
+    # Retrieval: 64 images, so R@10 by chance is 10/64 = 15.6%.
+    assert ev["rerank/itc_t2i_r10"] > 2 * 15.6, ev
+    assert ev["rerank/t2i_r1"] >= ev["rerank/itc_t2i_r1"] - 5.0, ev
+
+
+def _check_ema_and_queues(config, workdir):
+    """The final checkpoint's momentum model lies between its initial value and the student,
+    closer to the student; the queues are full of momentum features."""
+    import os
+    from vlp_jax.losses.distill import queue_valid_mask
+    from vlp_jax.methods.albef import teacher_subtrees
+    from vlp_jax.train.checkpoint import Checkpointer
+    from vlp_jax.train.trainer import Experiment
+    exp = Experiment(config)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    state, _ = ckpt.restore(exp.restore_target())
+    ckpt.close()
+    initial = teacher_subtrees(jax.device_get(exp.new_state().params))
+    teacher = jax.device_get(state.aux["teacher"])
+    student = teacher_subtrees(jax.device_get(state.params))
+    dist = lambda a, b: np.sqrt(sum(np.sum((np.asarray(x) - np.asarray(y)) ** 2)
+                                    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))))
+    assert dist(teacher, initial) > 0.1 * dist(student, initial)      # it moved
+    assert dist(teacher, student) < dist(initial, student)           # toward the student
+    for key in ("image_queue", "text_queue"):
+        assert bool(np.all(queue_valid_mask(state.aux[key])))        # 600 x 32 >> 128 rows

@@ -1,0 +1,135 @@
+"""Evaluators chosen by `type` (big_vision style) and the loop that runs `config.evals`.
+
+`config.evals` maps an evaluator name to its config:
+
+    config.evals = ml_collections.ConfigDict(dict(
+        zeroshot=dict(type="zero_shot", split="test", max_examples=None, batch_size=256),
+        retrieval=dict(type="retrieval", split="test", max_examples=None, batch_size=256),
+    ))
+
+Keys common to all types: `type` (required), `split` (required), `max_examples` (None = the
+whole split), `batch_size` (encoder batch, default 256; on a mesh it should divide evenly
+over the data axis). Type-specific keys are read by the evaluator itself (`retrieval`:
+`ks`, default (1, 5, 10), and `chunk_size`; `zero_shot`: `ks`, default (1, 5)).
+
+Metrics come back flat as `<evaluator name>/<metric>`, e.g. `zeroshot/top1`,
+`retrieval/i2t_r1`, all Python floats in percent.
+
+Adding a family (compositional, ITM re-ranking retrieval, VQA, ...): write, in its own module,
+
+    def evaluate_<family>(config, encoders, load_eval_set_fn, tokenize_fn) -> dict[str, float]
+
+returning unprefixed metric names, and add ONE entry `"<type>": evaluate_<family>` to
+`EVALUATORS` below (or call `register_evaluator("<type>", fn)` from outside the package).
+Nothing else changes: `run_evaluators` dispatches on `type` and adds the prefix.
+`encoders` is a `vlp_jax.methods.base.Encoders`; fusion models also set `score_pairs`.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from vlp_jax.data.types import EvalSet
+from vlp_jax.evaluators.embed import embed_in_batches
+from vlp_jax.evaluators.itm_rerank import evaluate_itm_rerank
+from vlp_jax.evaluators.retrieval import DEFAULT_CHUNK, DEFAULT_KS, retrieval_metrics
+from vlp_jax.evaluators.zero_shot import class_embeddings, zero_shot_accuracy
+
+LoadEvalSetFn = Callable[[str, int | None], EvalSet]
+TokenizeFn = Callable[[Sequence[str]], np.ndarray]
+EvaluatorFn = Callable[[Mapping[str, Any], Any, LoadEvalSetFn, TokenizeFn], dict]
+
+DEFAULT_BATCH_SIZE = 256
+_log = logging.getLogger(__name__)
+
+
+def _load(config: Mapping[str, Any], load_eval_set_fn: LoadEvalSetFn) -> EvalSet:
+    if config.get("split") is None:
+        raise ValueError("an evaluator config needs `split`")
+    return load_eval_set_fn(config["split"], config.get("max_examples", None))
+
+
+def _batch_size(config: Mapping[str, Any]) -> int:
+    return int(config.get("batch_size", None) or DEFAULT_BATCH_SIZE)
+
+
+def _ks(config: Mapping[str, Any], default: Sequence[int]) -> tuple[int, ...]:
+    return tuple(int(k) for k in (config.get("ks", None) or default))
+
+
+def evaluate_zero_shot(config: Mapping[str, Any], encoders: Any,
+                       load_eval_set_fn: LoadEvalSetFn, tokenize_fn: TokenizeFn
+                       ) -> dict[str, float]:
+    """Zero-shot classification of the split's images into `EvalSet.class_names` using
+    `EvalSet.prompt_templates` -> {'top1', 'top5', 'chance'} (percent)."""
+    ds = _load(config, load_eval_set_fn)
+    bs = _batch_size(config)
+    cls = class_embeddings(encoders.encode_text, tokenize_fn, ds.class_names,
+                           ds.prompt_templates, bs)
+    img = embed_in_batches(encoders.encode_image, ds.images, bs)
+    return zero_shot_accuracy(img, cls, np.asarray(ds.labels), ks=_ks(config, (1, 5)))
+
+
+def evaluate_retrieval(config: Mapping[str, Any], encoders: Any,
+                       load_eval_set_fn: LoadEvalSetFn, tokenize_fn: TokenizeFn
+                       ) -> dict[str, float]:
+    """COCO-style image<->caption retrieval over all of the split's captions with ITC
+    embeddings -> {'i2t_r1', 'i2t_r5', 'i2t_r10', 't2i_r1', ...} (percent)."""
+    ds = _load(config, load_eval_set_fn)
+    bs = _batch_size(config)
+    texts, owner = ds.flat_captions()
+    img = embed_in_batches(encoders.encode_image, ds.images, bs)
+    txt = embed_in_batches(encoders.encode_text, np.asarray(tokenize_fn(texts)), bs)
+    return retrieval_metrics(img, txt, owner, ks=_ks(config, DEFAULT_KS),
+                             chunk_size=int(config.get("chunk_size", None) or DEFAULT_CHUNK))
+
+
+EVALUATORS: dict[str, EvaluatorFn] = {
+    "zero_shot": evaluate_zero_shot,
+    "retrieval": evaluate_retrieval,
+    "itm_rerank_retrieval": evaluate_itm_rerank,
+}
+
+
+def register_evaluator(type_name: str, fn: EvaluatorFn) -> EvaluatorFn:
+    """Adds `fn` as the evaluator of `type: type_name`; refuses to replace an existing one."""
+    if type_name in EVALUATORS and EVALUATORS[type_name] is not fn:
+        raise ValueError(f"evaluator type {type_name!r} is already registered")
+    EVALUATORS[type_name] = fn
+    return fn
+
+
+def run_evaluators(evals_config: Mapping[str, Mapping[str, Any]], encoders: Any,
+                   load_eval_set_fn: LoadEvalSetFn, tokenize_fn: TokenizeFn
+                   ) -> dict[str, float]:
+    """Runs every evaluator in `evals_config` and returns their metrics, flat.
+
+    Args:
+      evals_config: ConfigDict (or dict) name -> config with `type`, `split`,
+        `max_examples`, `batch_size` (see the module docstring).
+      encoders: object with `encode_image(images [B, H, W, 3]) -> [B, D]` and
+        `encode_text(tokens int32 [B, L]) -> [B, D]` (jitted, parameters bound).
+      load_eval_set_fn: (split, max_examples) -> EvalSet.
+      tokenize_fn: list[str] -> int32 [n, L].
+
+    Returns:
+      {'<name>/<metric>': float}. Every `type` is checked before anything runs, so a typo
+      fails at once; an unknown one raises ValueError naming the evaluator and valid types.
+    """
+    for name, cfg in evals_config.items():
+        kind = cfg.get("type", None)
+        if kind not in EVALUATORS:
+            raise ValueError(f"evaluator {name!r} has unknown type {kind!r}; "
+                             f"valid types: {sorted(EVALUATORS)}")
+    metrics: dict[str, float] = {}
+    for name, cfg in evals_config.items():
+        start = time.perf_counter()
+        result = EVALUATORS[cfg["type"]](cfg, encoders, load_eval_set_fn, tokenize_fn)
+        for key, value in result.items():
+            metrics[f"{name}/{key}"] = float(value)
+        _log.info("evaluator %s (%s) took %.1fs: %s", name, cfg["type"],
+                     time.perf_counter() - start, result)
+    return metrics

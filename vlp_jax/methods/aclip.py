@@ -1,0 +1,198 @@
+"""A-CLIP, attentive mask CLIP (Yang et al. 2023): keep the image tokens the EMA teacher attends
+to, encode only those with the student, and add self-supervised terms between views.
+
+What is implemented (after the paper and its public code, re-derived here):
+  1. An EMA teacher (aux['teacher'], momentum `ema_momentum`) encodes the *full* image.
+  2. Each patch gets a relevance score from the teacher (`score`):
+       'attention' (the paper): the attention the class token pays to the patch, averaged over
+         heads and over all layers, a_n = 1/(L h) sum_{l, h} softmax(q_cls k^T)_n. The class
+         token is what CLIP aligns with the caption, so these are the text-relevant patches.
+         (With no class token, pool='gap'/'map': the attention each patch receives, averaged
+         over all queries.)
+       'text': the teacher's caption embedding against each patch token projected into the joint
+         space, softmax_n(s <P_img tok_n, v>) with s the teacher's logit scale; the caption
+         itself picks the patches.
+       'attention_text': the product of the two distributions, renormalised.
+  3. The student encodes the `keep_ratio` highest-scored patches (`ViT(keep_ids=...)`; A-CLIP
+     keeps 50%) and trains the CLIP loss on them; evaluation encodes whole images.
+  4. Optional terms (A-CLIP's full model uses both with two augmented views):
+       views=2 (needs data.two_views=True): both views are masked attentively, the CLIP loss is
+         averaged over them, and `ssl_weight` x NT-Xent (SimCLR, tau `ssl_temperature`) ties the
+         two views' pooled outputs through a projection MLP;
+       `distill_weight` x online-to-EMA distillation (BYOL-style): predictor(projector(student
+         pooled of the masked view)) against the EMA projector of the teacher's pooled output of
+         the full view, distance 1 - cos.
+
+config.method fields: keep_ratio, score, ema_momentum, views, ssl_weight, ssl_temperature,
+ssl_mlp_dim, ssl_emb_dim, distill_weight.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlp_jax.losses.masked_distill import feature_distance
+from vlp_jax.methods.contrastive import ContrastiveMethod
+from vlp_jax.methods.ema import EmaTeacherMixin
+from vlp_jax.methods.ssl_common import (ProjectionMLP, head_input, image_features, init_head,
+                                        patch_count, patch_tokens, project_patch_tokens,
+                                        require_accumulation_none, require_key, ssl_loss_fn)
+from vlp_jax.nn.attention import MultiHeadAttention
+from vlp_jax.nn.transformer import EncoderBlock
+
+SCORES = ("attention", "text", "attention_text")
+
+
+def capture_block_attention(model: nn.Module, params, images):
+    """Image-tower forward that also returns every encoder block's self-attention.
+
+    Returns ((embedding [B, D], pooled [B, W], tokens [B, T, W]), [L x float32 [B, h, T, T]]).
+    The weights are read with a Flax method interceptor, so the encoder code is untouched; the
+    model must not rematerialise its blocks (the caller passes a remat-free clone).
+    """
+    weights = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        if (isinstance(context.module, MultiHeadAttention) and context.method_name == "__call__"
+                and isinstance(context.module.parent, EncoderBlock)
+                and context.module.name == "attn"):
+            out, w = next_fun(*args, **dict(kwargs, return_weights=True))
+            weights.append(w)
+            return out
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        feats = image_features(model, params, images)
+    return feats, weights
+
+
+def attention_scores(weights: list[jax.Array], num_patches: int) -> jax.Array:
+    """Per-patch score [B, N] from block attentions [L x [B, h, T, T]] (see module docstring)."""
+    a = jnp.mean(jnp.stack(weights), axis=(0, 2))                 # [B, T, T]
+    prefix = a.shape[-1] - num_patches
+    if prefix == 1:
+        return a[:, 0, 1:]
+    return jnp.mean(a[:, :, prefix:], axis=1)
+
+
+def text_scores(patch_emb: jax.Array, text_emb: jax.Array, scale: jax.Array) -> jax.Array:
+    """softmax_n(scale * <p_n, v>): patch_emb unit [B, N, D], text_emb unit [B, D] -> [B, N]."""
+    return jax.nn.softmax(scale * jnp.einsum("bnd,bd->bn", patch_emb, text_emb), axis=-1)
+
+
+def attentive_keep_ids(scores: jax.Array, keep: int) -> jax.Array:
+    """Indices of the `keep` highest scores per row, in raster order: [B, N] -> int32 [B, keep]."""
+    _, ids = jax.lax.top_k(scores, keep)
+    return jnp.sort(ids, axis=-1).astype(jnp.int32)
+
+
+def _no_remat(model: nn.Module) -> nn.Module:
+    tower = model.image_tower
+    if getattr(tower, "remat", False):
+        return model.clone(image_tower=tower.clone(remat=False))
+    return model
+
+
+@dataclasses.dataclass
+class AClipMethod(EmaTeacherMixin, ContrastiveMethod):
+
+    def __post_init__(self):
+        super().__post_init__()
+        cfg = self.config
+        require_accumulation_none(cfg, "A-CLIP")
+        if cfg.get("mask_ratio", 0.0):
+            raise ValueError("A-CLIP chooses patches itself: set method.keep_ratio, not "
+                             "method.mask_ratio (random FLIP masking)")
+        if cfg.get("score", "attention") not in SCORES:
+            raise ValueError(f"method.score {cfg.score!r} is unknown; valid: {SCORES}")
+        if cfg.get("views", 1) not in (1, 2):
+            raise ValueError(f"method.views must be 1 or 2, got {cfg.views}")
+        ratio = cfg.get("keep_ratio", 0.5)
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"method.keep_ratio must be in (0, 1], got {ratio}")
+        self.ema_momentum()
+        self._num_patches = patch_count(self.model)
+        self._keep = max(1, int(round(self._num_patches * ratio)))
+        self._teacher_model = _no_remat(self.model)
+        self._ssl_w = cfg.get("ssl_weight", 0.0) if cfg.get("views", 1) == 2 else 0.0
+        self._distill_w = cfg.get("distill_weight", 0.0)
+        mlp, emb = cfg.get("ssl_mlp_dim", 256), cfg.get("ssl_emb_dim", 64)
+        self._ssl_head = ProjectionMLP(mlp, emb)
+        self._proj = ProjectionMLP(mlp, emb, num_layers=2)
+        self._pred = ProjectionMLP(mlp, emb, num_layers=2)
+        self._ssl = ssl_loss_fn(self.mesh, cfg.get("ssl_temperature", 0.1))
+        self.extra_teacher_keys = ("aclip_proj",) if self._distill_w else ()
+
+    def init_params(self, rng, batch):
+        keys = jax.random.split(rng, 4)
+        params = dict(super().init_params(keys[0], batch))
+        x = head_input(self.model, params, batch["image"])
+        if self._ssl_w:
+            params["aclip_ssl"] = init_head(self._ssl_head, keys[1], x)
+        if self._distill_w:
+            params["aclip_proj"] = init_head(self._proj, keys[2], x)
+            params["aclip_pred"] = init_head(self._pred, keys[3],
+                                             self._proj.apply({"params": params["aclip_proj"]}, x))
+        return params
+
+    def teacher_view(self, teacher, images, text):
+        """Scores [B, N] of the full view and the teacher's pooled output [B, W]."""
+        (_, pooled, tokens), weights = capture_block_attention(self._teacher_model, teacher,
+                                                               images)
+        kind = self.config.get("score", "attention")
+        scores = attention_scores(weights, self._num_patches)
+        if kind != "attention":
+            patches = project_patch_tokens(self.model, teacher,
+                                           patch_tokens(tokens, self._num_patches))
+            v = self.model.apply({"params": teacher}, text, method="encode_text")
+            scale = jnp.exp(teacher["logit_scale"].astype(jnp.float32))
+            by_text = text_scores(patches, v, scale)
+            if kind == "text":
+                scores = by_text
+            else:
+                scores = scores / jnp.sum(scores, -1, keepdims=True) * by_text
+                scores = scores / jnp.sum(scores, -1, keepdims=True)
+        return jax.lax.stop_gradient(scores), jax.lax.stop_gradient(pooled)
+
+    def keep_ids_for(self, teacher, images, text):
+        scores, pooled = self.teacher_view(teacher, images, text)
+        return attentive_keep_ids(scores, self._keep), pooled
+
+    def loss(self, params, aux, batch, rng, step, masked=True):
+        views = ["image"] + (["image2"] if self.config.get("views", 1) == 2 else [])
+        for key in views[1:]:
+            require_key(batch, key, "A-CLIP views=2", "data.two_views=True")
+        teacher = jax.lax.stop_gradient(aux["teacher"])
+        v = self.model.apply({"params": params}, batch["text"], method="encode_text")
+        itcs, pooled, pooled_t, metrics = [], [], [], {}
+        for key in views:
+            ids, p_t = self.keep_ids_for(teacher, batch[key], batch["text"])
+            u, p_s, _ = image_features(self.model, params, batch[key], ids if masked else None)
+            itc, metrics = self.itc((u, v), self.scalars(params))
+            itcs.append(itc)
+            pooled.append(p_s)
+            pooled_t.append(p_t)
+        itc = sum(itcs) / len(itcs)
+        loss, metrics = itc, dict(metrics, itc_loss=itc)
+        if self._ssl_w:
+            head = lambda x: self._ssl_head.apply({"params": params["aclip_ssl"]}, x)
+            ssl, ssl_metrics = self._ssl(head(pooled[0]), head(pooled[1]))
+            loss = loss + self._ssl_w * ssl
+            metrics.update(ssl_metrics, ssl_loss=ssl)
+        if self._distill_w:
+            distill = sum(self._distill(params, teacher, s, t) for s, t in zip(pooled, pooled_t))
+            distill = distill / len(views)
+            loss = loss + self._distill_w * distill
+            metrics["distill_loss"] = distill
+        return loss, metrics, aux
+
+    def _distill(self, params, teacher, student_pooled, teacher_pooled):
+        """BYOL-style: pred(proj(student)) vs EMA proj(teacher), mean of 1 - cos over the batch."""
+        online = self._pred.apply({"params": params["aclip_pred"]},
+                                  self._proj.apply({"params": params["aclip_proj"]},
+                                                   student_pooled))
+        target = self._proj.apply({"params": teacher["aclip_proj"]}, teacher_pooled)
+        return jnp.mean(feature_distance(online, target, "cosine"))

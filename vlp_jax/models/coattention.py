@@ -1,0 +1,101 @@
+"""Co-attention fusion (ViLBERT, Lu et al. 2019; LXMERT, Tan & Bansal 2019).
+
+Two streams, text t [B, L, Wt] and image v [B, N, Wv], exchange information in every block
+(pre-LN form of ViLBERT's Co-TRM followed by a TRM in each stream):
+
+    t1 = t + CrossAttn_t(LN(t), LN(v))        (text queries, image keys/values)
+    v1 = v + CrossAttn_v(LN(v), LN(t))        (image queries, text keys/values, text padding masked)
+    t2 = EncoderBlock_t(t1)                   (self-attention + MLP within the text stream)
+    v2 = EncoderBlock_v(v1)
+
+Both cross-attentions read the block's *inputs*, so the two directions are computed in
+parallel and the block is symmetric: swapping the streams (and their parameter sets) swaps the
+outputs. `shared_cross_attention=True` uses one cross-attention module for both directions
+(LXMERT's cross-modality layer shares its attention weights; this needs Wt == Wv).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from vlp_jax.nn.attention import MultiHeadAttention, make_attention_mask
+from vlp_jax.nn.partitioning import layer_norm
+from vlp_jax.nn.transformer import EncoderBlock
+
+
+class CrossAttentionLayer(nn.Module):
+    """x + MHA(LN_q(x), LN_kv(context)): x [B, Q, W], context [B, K, W'] -> [B, Q, W].
+
+    `attention` may be given to share one attention module between layers (LXMERT).
+    """
+
+    num_heads: int
+    attention: nn.Module | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context, mask=None):
+        attn = self.attention
+        if attn is None:
+            attn = MultiHeadAttention(self.num_heads, self.dtype, name="attn")
+        return x + attn(layer_norm("ln_q", self.dtype)(x),
+                        layer_norm("ln_kv", self.dtype)(context), mask=mask)
+
+
+class CoAttentionBlock(nn.Module):
+    """One co-attention block (see module docstring).
+
+    Call: text [B, L, Wt], image [B, N, Wv], text_valid bool [B, L], image_valid bool [B, N]
+    (None = all valid). Returns (text [B, L, Wt], image [B, N, Wv]).
+    """
+
+    num_heads: int
+    mlp_dim: int
+    shared_cross_attention: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, text, image, text_valid=None, image_valid=None):
+        tv = jnp.ones(text.shape[:2], bool) if text_valid is None else text_valid
+        iv = jnp.ones(image.shape[:2], bool) if image_valid is None else image_valid
+        shared = None
+        if self.shared_cross_attention:
+            if text.shape[-1] != image.shape[-1]:
+                raise ValueError("model.coattention_shared=True needs equal text and image widths, "
+                                 f"got {text.shape[-1]} and {image.shape[-1]}")
+            shared = MultiHeadAttention(self.num_heads, self.dtype, name="shared_cross_attn")
+        t1 = CrossAttentionLayer(self.num_heads, shared, self.dtype, name="text_coattn")(
+            text, image, make_attention_mask(tv, iv))
+        v1 = CrossAttentionLayer(self.num_heads, shared, self.dtype, name="image_coattn")(
+            image, text, make_attention_mask(iv, tv))
+        t2 = EncoderBlock(self.num_heads, self.mlp_dim, dtype=self.dtype, name="text_block")(
+            t1, make_attention_mask(tv, tv))
+        v2 = EncoderBlock(self.num_heads, self.mlp_dim, dtype=self.dtype, name="image_block")(
+            v1, make_attention_mask(iv, iv))
+        return t2, v2
+
+
+class CoAttentionEncoder(nn.Module):
+    """`depth` CoAttentionBlocks, then a final LayerNorm per stream.
+
+    Call: (text [B, L, Wt], image [B, N, Wv], text_valid, image_valid) -> (text, image).
+    """
+
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    shared_cross_attention: bool = False
+    remat: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, text, image, text_valid=None, image_valid=None):
+        block_cls = nn.remat(CoAttentionBlock) if self.remat else CoAttentionBlock
+        for i in range(self.depth):
+            text, image = block_cls(self.num_heads, self.mlp_dim, self.shared_cross_attention,
+                                    self.dtype, name=f"block{i}")(text, image, text_valid,
+                                                                   image_valid)
+        return (layer_norm("ln_text", self.dtype)(text),
+                layer_norm("ln_image", self.dtype)(image))
