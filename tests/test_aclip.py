@@ -12,8 +12,9 @@ from vlp_jax.methods.registry import build_method
 from vlp_jax.methods.ssl_common import image_features
 from vlp_jax.parallel.mesh import make_mesh
 from vlp_jax.parallel.sharding import logical_rules, param_shardings
+from vlp_jax.train.metrics_log import read_metrics
 from vlp_jax.train.trainer import train_and_evaluate
-from tests.test_trainer import tiny_clip_config
+from tests.test_slip import tiny_experiment_config
 
 VOCAB = dict(vocab_size=50, pad_id=0, bos_id=1, eos_id=2, mask_id=3)
 
@@ -140,12 +141,13 @@ def test_rejects_bad_config():
 
 @pytest.mark.slow
 def test_aclip_learns_far_above_chance(shapes_data_config, tmp_path):
-    config = tiny_clip_config(shapes_data_config, steps=150)
-    config.train.batch_size = 64
-    config.method.update(dict(name="aclip", keep_ratio=0.5, score="attention",
-                              ema_momentum=0.99, views=1, distill_weight=1.0,
-                              ssl_mlp_dim=64, ssl_emb_dim=32))
+    config = tiny_experiment_config(shapes_data_config, "aclip_shapes.py:smoke,lite", 150,
+                                    distill_weight=1.0, ssl_mlp_dim=64, ssl_emb_dim=32)
+    assert config.method.keep_ratio == 0.5 and config.method.score == "attention"
     result = train_and_evaluate(config, str(tmp_path), progress=False)
+    rows = [r for r in read_metrics(str(tmp_path)) if "train/loss" in r]
+    assert rows[-1]["train/itc_loss"] < rows[0]["train/itc_loss"]
+    assert rows[-1]["train/distill_loss"] < rows[0]["train/distill_loss"]
     ev = result["eval"]
     print("A-CLIP eval", ev, "train", result["train"])
     assert ev["zeroshot/top1"] > 3 * ev["zeroshot/chance"], ev

@@ -8,14 +8,17 @@ import ml_collections
 import numpy as np
 import pytest
 
+from vlp_jax.data.pipeline import make_train_iterator
 from vlp_jax.data.rewrites import (candidate_tokens, load_rewrites, parse_rewrites,
                                    write_rewrites)
+from vlp_jax.data.shapes_builder import load_tokenizer
 from vlp_jax.methods.contrastive import ContrastiveMethod
 from vlp_jax.methods.laclip import sample_captions
 from vlp_jax.methods.registry import build_method
 from vlp_jax.parallel.mesh import make_mesh
+from vlp_jax.train.metrics_log import read_metrics
 from vlp_jax.train.trainer import train_and_evaluate
-from tests.test_trainer import tiny_clip_config
+from tests.test_slip import tiny_experiment_config
 
 VOCAB = dict(vocab_size=50, pad_id=0, bos_id=1, eos_id=2, mask_id=3)
 
@@ -144,13 +147,30 @@ def test_malformed_rewrite_lines_name_the_line(line, message):
         parse_rewrites(lines, source="r.jsonl")
 
 
+def test_rewrite_file_reaches_the_training_candidates(shapes_data_config, tmp_path):
+    path = tmp_path / "rewrites.jsonl"
+    write_rewrites(str(path), [{"index": i, "rewrites": [f"rewrite number {i % 7} of a scene"]}
+                               for i in range(shapes_data_config.num_train)])
+    shapes_data_config.update(dict(all_captions=True, rewrites_path=str(path)))
+    batch = next(make_train_iterator(shapes_data_config, global_batch_size=8, seed=0))
+    cands = batch["captions"]
+    assert cands.shape == (8, 2 * shapes_data_config.captions_per_image,
+                           shapes_data_config.text_length)
+    count = (cands[:, :, 0] != 0).sum(1)           # captions (deduplicated), then the rewrite
+    assert (count >= 2).all() and (count <= shapes_data_config.captions_per_image + 1).all()
+    tokenizer = load_tokenizer(shapes_data_config)
+    for row, n in zip(cands, count):
+        assert tokenizer.decode(row[n - 1]).startswith("rewrite number"), tokenizer.decode(row)
+        assert not any(t.startswith("rewrite") for t in tokenizer.decode(row[:n - 1]))
+
+
 @pytest.mark.slow
 def test_laclip_learns_far_above_chance(shapes_data_config, tmp_path):
-    config = tiny_clip_config(shapes_data_config, steps=150)
-    config.train.batch_size = 64
-    config.data.all_captions = True
-    config.method.update(dict(name="laclip", sampling="uniform", captions_key="captions"))
+    config = tiny_experiment_config(shapes_data_config, "laclip_shapes.py:smoke", 150)
+    assert config.data.all_captions and config.method.sampling == "uniform"
     result = train_and_evaluate(config, str(tmp_path), progress=False)
+    rows = [r for r in read_metrics(str(tmp_path)) if "train/loss" in r]
+    assert rows[-1]["train/loss"] < rows[0]["train/loss"]
     ev = result["eval"]
     print("LaCLIP eval", ev, "train", result["train"])
     assert result["train"]["caption_index_mean"] > 0.2           # not always the first caption

@@ -12,8 +12,9 @@ from vlp_jax.methods.maskclip import IMAGE_HEAD, TEXT_HEAD
 from vlp_jax.methods.registry import build_method
 from vlp_jax.models.vit import random_keep_ids
 from vlp_jax.parallel.mesh import make_mesh
+from vlp_jax.train.metrics_log import read_metrics
 from vlp_jax.train.trainer import train_and_evaluate
-from tests.test_trainer import tiny_clip_config
+from tests.test_slip import tiny_experiment_config
 
 VOCAB = dict(vocab_size=50, pad_id=0, bos_id=1, eos_id=2, mask_id=3)
 SPECIAL = (0, 1, 2, 3)
@@ -104,19 +105,16 @@ def _grad_norm(tree):
     return float(sum(jnp.abs(g).sum() for g in jax.tree.leaves(tree)))
 
 
-def test_loss_is_the_weighted_sum_of_its_terms_and_reaches_both_decoders():
+def test_loss_is_the_weighted_sum_of_its_terms():
     method = _method(mim_mask_ratio=0.5, text_mask_prob=0.4, mim_weight=0.5, text_weight=2.0)
     batch = _batch()
     params = _init(method, batch)
     aux = method.init_aux(params)
-    (loss, (metrics, _)), grads = jax.jit(method.value_and_grad)(
-        params, aux, batch, jax.random.key(1), jnp.array(0))
-    assert np.isfinite(float(loss))
+    loss, metrics, _ = jax.jit(method.loss)(params, aux, batch, jax.random.key(1), jnp.array(0))
+    assert np.isfinite(float(loss)) and float(metrics["mim_loss"]) > 0
     np.testing.assert_allclose(
         loss, metrics["itc_loss"] + 0.5 * metrics["mim_loss"] + 2.0 * metrics["text_mask_loss"],
         rtol=1e-5)
-    assert _grad_norm(grads[IMAGE_HEAD]) > 0 and _grad_norm(grads[TEXT_HEAD]) > 0
-    assert _grad_norm(grads["image_tower"]) > 0
 
 
 def test_mlm_objective_predicts_token_ids_through_the_tied_embedding():
@@ -146,12 +144,13 @@ def test_rejects_bad_config():
 
 @pytest.mark.slow
 def test_maskclip_learns_far_above_chance(shapes_data_config, tmp_path):
-    config = tiny_clip_config(shapes_data_config, steps=150)
-    config.train.batch_size = 64
-    config.method.update(dict(name="maskclip", mim_mask_ratio=0.5, mim_weight=1.0,
-                              text_weight=1.0, text_objective="distill", ema_momentum=0.99,
-                              decoder_depth=1, decoder_heads=2))
+    config = tiny_experiment_config(shapes_data_config, "maskclip_shapes.py:smoke,mask=0.5", 150,
+                                    decoder_heads=2)
+    assert config.method.text_objective == "distill" and config.method.mim_weight == 1.0
     result = train_and_evaluate(config, str(tmp_path), progress=False)
+    rows = [r for r in read_metrics(str(tmp_path)) if "train/loss" in r]
+    for key in ("train/itc_loss", "train/mim_loss", "train/text_mask_loss"):
+        assert rows[-1][key] < rows[0][key], key
     ev = result["eval"]
     print("MaskCLIP eval", ev, "train", result["train"])
     assert ev["zeroshot/top1"] > 3 * ev["zeroshot/chance"], ev

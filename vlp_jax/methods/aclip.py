@@ -34,6 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vlp_jax.losses.contrastive import inverse_temperature
 from vlp_jax.losses.masked_distill import feature_distance
 from vlp_jax.methods.contrastive import ContrastiveMethod
 from vlp_jax.methods.ema import EmaTeacherMixin
@@ -148,7 +149,7 @@ class AClipMethod(EmaTeacherMixin, ContrastiveMethod):
             patches = project_patch_tokens(self.model, teacher,
                                            patch_tokens(tokens, self._num_patches))
             v = self.model.apply({"params": teacher}, text, method="encode_text")
-            scale = jnp.exp(teacher["logit_scale"].astype(jnp.float32))
+            scale = inverse_temperature(teacher["logit_scale"])
             by_text = text_scores(patches, v, scale)
             if kind == "text":
                 scores = by_text
