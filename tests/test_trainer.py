@@ -26,8 +26,8 @@ def tiny_clip_config(data_config, steps=40, **train):
                              context_length=data_config.text_length)
     config.optim.lr = 3e-3
     config.optim.warmup_steps = 10
-    config.train.update(dict(batch_size=32, num_steps=steps, log_every=10,
-                             checkpoint_every=steps, **train))
+    config.train.update(dict(dict(batch_size=32, num_steps=steps, log_every=10,
+                                  checkpoint_every=steps), **train))
     for ev in config.evals.values():
         ev.split, ev.max_examples = "validation", 128
     return config
