@@ -19,6 +19,11 @@ Metrics (percent unless named otherwise):
   full_i2t_r{k}, full_t2i_r{k}    every pair scored by ITM (only when N*M <= `full_max_pairs`)
   rerank_pairs, total_pairs       pairs scored by the re-ranker, N*M
   itc_seconds, rerank_seconds     measured wall time (compilation excluded)
+  itm_acc                         the ITM head as a classifier (ViLT's ITM protocol): every
+                                  caption with its own image (match) and with a random other
+                                  image (no match), threshold 0; chance 50
+  itm_pair_acc                    how often the caption's own image scores above the random
+                                  other image (threshold-free; chance 50)
   full_seconds_extrapolated       wall time to score all N*M pairs, EXTRAPOLATED from timing
                                   `timing_pairs` random pairs (measured, `full_seconds`, when
                                   the full scoring was run)
@@ -96,6 +101,25 @@ def rerank_matrices(itc: np.ndarray, i2t_cols: np.ndarray, t2i_rows: np.ndarray,
     return i2t, t2i, int(flat.size)
 
 
+def itm_pair_metrics(pair_scores: Callable, owner: np.ndarray, num_images: int,
+                     rng: np.random.Generator) -> dict[str, float]:
+    """ITM accuracy on matched vs random mismatched pairs (percent).
+
+    pair_scores(images int [P], captions int [P]) -> float [P] (logit(match) - logit(no
+    match)); owner int [M] is each caption's image. Caption m is paired with owner[m] and with
+    a uniformly drawn other image owner[m] + U{1..N-1} (mod N).
+    """
+    if num_images < 2:
+        raise ValueError("itm_rerank_retrieval needs at least 2 images")
+    m = owner.shape[0]
+    other = (owner + rng.integers(1, num_images, size=m)) % num_images
+    captions = np.arange(m)
+    pos = np.asarray(pair_scores(owner, captions), np.float64)
+    neg = np.asarray(pair_scores(other, captions), np.float64)
+    return dict(itm_acc=50.0 * (np.mean(pos > 0) + np.mean(neg < 0)),
+                itm_pair_acc=100.0 * np.mean(pos > neg))
+
+
 def _block(x):
     """Waits for a (possibly asynchronous) result so wall times are honest."""
     return np.asarray(x)
@@ -146,6 +170,7 @@ def evaluate_itm_rerank(config: Mapping[str, Any], encoders: Any, load_eval_set_
                 if key.startswith("t2i")})
 
     rng = np.random.default_rng(int(config.get("seed", 0)))
+    out.update(itm_pair_metrics(pair_scores, owner, n, rng))
     count = min(n * m, int(config.get("timing_pairs", None) or 4 * bs))
     flat = rng.choice(n * m, size=count, replace=False)
     start = time.perf_counter()
