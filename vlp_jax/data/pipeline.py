@@ -9,7 +9,12 @@ and, on request,
     captions int32   [B, K, L]     all caption candidates of the image    (data.all_captions)
                                    (its captions, then rewrites from data.rewrites_path; rows
                                    beyond an example's candidates are all pad)
-B = global_batch_size // process_count. The stream is infinite (each epoch reshuffled),
+B = global_batch_size // process_count. Records are cleaned first (`vlp_jax.data.sanitize`):
+greyscale / RGBA images converted to RGB, images of another size cropped and resized,
+empty captions dropped, over-long captions truncated (bos ... eos kept); records with an
+undecodable image, no usable caption or missing fields are skipped. Every issue is counted:
+`TrainIterator.issue_totals()` ({kind: count}, part of the iterator state), which the trainer
+logs as `data/<kind>`. The stream is infinite (each epoch reshuffled),
 deterministic given the seed, reads only this process's shard (records
 process_index::process_count of the train split), and resumable: `get_state()` is JSON-able and
 `set_state()` makes the iterator yield exactly what it would have yielded.
@@ -37,18 +42,19 @@ Data config fields (`default_data_config()`; other modules read these names):
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, Iterator
 
 import grain
 import ml_collections
 import numpy as np
 
-from vlp_jax.data import preprocess, rewrites, shapes_builder, shapes_world
+from vlp_jax.data import preprocess, rewrites, sanitize, shapes_builder, shapes_world
 from vlp_jax.data.tokenizer import Tokenizer
 from vlp_jax.data.types import EvalSet
 
 SPLITS = ("train", "validation", "test")
-_STATE_VERSION = 1
+_STATE_VERSION = 2   # 2: skip-and-carry stage, issue totals
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -79,18 +85,42 @@ def _as_str(value) -> str:
 
 
 class _AddIndex:
-    """(index, example) -> example with its train-split record index."""
+    """(index, example) -> example with its train-split record index. grain hands repeated
+    epochs' records their position in the repeated stream, hence the modulo."""
+
+    def __init__(self, num_records: int):
+        self.num_records = num_records
 
     def __call__(self, index: int, example: dict) -> dict:
-        return dict(example, index=index)
+        return dict(example, index=index % self.num_records)
+
+
+class _DictRecords:
+    """Wraps a random-access source so every item is a dict: grain drops None items silently
+    (its filter marker), so a record that is not a dict becomes {'not_a_dict': type name},
+    which _TrainTransform skips and counts as malformed."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.source[index]
+        return record if isinstance(record, dict) else {"not_a_dict": type(record).__name__}
 
 
 class _TrainTransform:
-    """One decoded example -> the batch contract's per-example arrays (random per step)."""
+    """One raw record -> the batch contract's per-example arrays (random per step), plus
+    `data_issues` int32 [NUM_ISSUES] (`sanitize.ISSUE_KINDS`); a record that cannot be used
+    becomes a skip marker {SKIP_KEY: True, 'data_issues': [...]} instead (see `_SkipAndCarry`).
+    """
 
     def __init__(self, data_config: ml_collections.ConfigDict, tokenizer: Tokenizer,
                  table: rewrites.RewriteTable | None):
         self.tokenizer, self.table = tokenizer, table
+        self.size = int(data_config.image_size)
         self.length = int(data_config.text_length)
         self.augment = bool(data_config.augment)
         self.augment_cfg = preprocess.augment_config(data_config)
@@ -103,22 +133,108 @@ class _TrainTransform:
             return preprocess.augment_image(image, rng, self.augment_cfg)
         return preprocess.normalize(image)
 
+    def _clean(self, example) -> tuple[np.ndarray, list[str], int, list[str]]:
+        """(uint8 [S, S, 3] image, captions, label, issue kinds) or BadExample."""
+        try:
+            raw_image, raw_captions, raw_label = (example["image"], example["captions"],
+                                                  example["label"])
+            label = int(np.asarray(raw_label).reshape(()))
+        except (KeyError, TypeError, ValueError) as e:
+            raise sanitize.BadExample(f"malformed record: {type(e).__name__}: {e}",
+                                      "skipped_malformed") from None
+        image, flags = sanitize.to_rgb_image(raw_image, self.size)
+        captions, dropped = sanitize.clean_captions(raw_captions)
+        kinds = [{"converted": "converted_channels", "resized": "resized"}[f] for f in flags]
+        if dropped:
+            kinds.append("dropped_empty_caption")
+        return image, captions, label, kinds
+
     def __call__(self, example: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        captions = [_as_str(c) for c in example["captions"]]
+        try:
+            image, captions, label, kinds = self._clean(example)
+        except sanitize.BadExample as e:
+            _log_skip(example, e)
+            return {SKIP_KEY: True, "data_issues": sanitize.issue_vector([e.kind])}
         pick = captions[int(rng.integers(len(captions)))]
-        out = {"image": self._view(example["image"], rng),
+        emitted = [pick]
+        out = {"image": self._view(image, rng),
                "text": self.tokenizer.encode([pick], self.length)[0],
-               "label": np.int32(example["label"])}
+               "label": np.int32(label)}
         if self.two_views:
-            out["image2"] = self._view(example["image"], rng)
+            out["image2"] = self._view(image, rng)
         if self.all_captions:
             texts = captions
             if self.table is not None:
                 texts = self.table.candidates(captions, int(example["index"]))
+            texts = list(texts)[:self.num_candidates]
+            emitted += texts
             out["captions"] = rewrites.candidate_tokens(
                 texts, lambda t: self.tokenizer.encode(t, self.length), self.num_candidates,
                 self.length)
+        if sanitize.any_overflows(self.tokenizer, emitted, self.length):
+            kinds.append("truncated_caption")
+        out["data_issues"] = sanitize.issue_vector(kinds)
         return out
+
+
+SKIP_KEY = "_skip"
+_MAX_SKIP_LOGS = 20
+_skip_logs = [0]
+
+
+def _log_skip(example, error: sanitize.BadExample) -> None:
+    """Logs the first _MAX_SKIP_LOGS skipped records of this process (all are counted)."""
+    if _skip_logs[0] >= _MAX_SKIP_LOGS:
+        return
+    _skip_logs[0] += 1
+    index = example.get("index", "?") if isinstance(example, dict) else "?"
+    more = " (further skips are only counted)" if _skip_logs[0] == _MAX_SKIP_LOGS else ""
+    logging.warning("skipping train record %s: %s%s", index, error, more)
+
+
+class _SkipAndCarry(grain.IterDataset):
+    """Drops skip markers; their `data_issues` are added to the next kept example's, so the
+    counts of every consumed record reach the batches. A skip is only read while looking for
+    the next kept example, so between two `next` calls nothing is pending and the position
+    is the parent's: resuming stays exact. Raises RuntimeError after `max_skips` consecutive
+    skips (a whole shard of unusable records would otherwise loop forever)."""
+
+    def __init__(self, parent: grain.IterDataset, max_skips: int):
+        super().__init__(parent)
+        self._max_skips = max(1, int(max_skips))
+
+    def __iter__(self) -> "_SkipAndCarryIterator":
+        return _SkipAndCarryIterator(self._parent.__iter__(), self._max_skips)
+
+    def __str__(self) -> str:
+        return "SkipAndCarry"
+
+
+class _SkipAndCarryIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, max_skips: int):
+        super().__init__(parent)
+        self._max_skips = max_skips
+
+    def __next__(self) -> dict:
+        pending = np.zeros(sanitize.NUM_ISSUES, np.int32)
+        for _ in range(self._max_skips):
+            element = next(self._parent)
+            if not element.get(SKIP_KEY, False):
+                element["data_issues"] = element["data_issues"] + pending
+                return element
+            pending += element["data_issues"]
+        raise RuntimeError(
+            f"{self._max_skips} consecutive training records were unusable (a whole shard): "
+            f"{sanitize.issue_dict(pending)}; is the data broken?")
+
+    def get_state(self) -> dict:
+        return self._parent.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(state)
+
+    def __str__(self) -> str:
+        return "SkipAndCarryIterator"
 
 
 def num_caption_candidates(data_config: ml_collections.ConfigDict) -> int:
@@ -133,22 +249,37 @@ def num_caption_candidates(data_config: ml_collections.ConfigDict) -> int:
 # ----------------------------------------------------------------------------- training
 
 class TrainIterator:
-    """Infinite iterator of host-local batches with JSON-able `get_state` / `set_state`."""
+    """Infinite iterator of host-local batches with JSON-able `get_state` / `set_state`.
+
+    Batches follow the contract (image, text, label, ...); the per-example `data_issues`
+    counters are taken out of each batch and summed here: `issue_totals()` gives the counts
+    of every record consumed so far (skipped ones included), and they are part of the state,
+    so a resumed run keeps counting from where it stopped.
+    """
 
     def __init__(self, dataset: grain.IterDataset, meta: dict[str, Any]):
         self._dataset, self._meta = dataset, meta
         self._it = iter(dataset)
+        self._totals = np.zeros(sanitize.NUM_ISSUES, np.int64)
 
     def __iter__(self) -> "TrainIterator":
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        return next(self._it)
+        batch = next(self._it)
+        issues = batch.pop("data_issues")                     # int32 [B, NUM_ISSUES]
+        self._totals += np.asarray(issues, np.int64).sum(axis=0)
+        return batch
+
+    def issue_totals(self) -> dict[str, int]:
+        """{kind: count} over all records consumed so far (sanitize.ISSUE_KINDS)."""
+        return sanitize.issue_dict(self._totals)
 
     def get_state(self) -> dict[str, Any]:
-        """{'version', 'meta' (what the position refers to), 'grain' (the position)}."""
+        """{'version', 'meta' (what the position refers to), 'grain' (the position),
+        'issues' (issue_totals())}."""
         return {"version": _STATE_VERSION, "meta": dict(self._meta),
-                "grain": _jsonable(self._it.get_state())}
+                "grain": _jsonable(self._it.get_state()), "issues": self.issue_totals()}
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Restores a position from get_state(); ValueError if it belongs to another stream."""
@@ -160,6 +291,9 @@ class TrainIterator:
             raise ValueError(f"iterator state is for another data stream; (saved, current) "
                              f"differ in {diff}")
         self._it.set_state(state["grain"])
+        issues = state.get("issues", {})
+        self._totals = np.asarray([int(issues.get(k, 0)) for k in sanitize.ISSUE_KINDS],
+                                  np.int64)
 
 
 def _jsonable(state):
@@ -179,9 +313,17 @@ def _validate_batch(global_batch_size: int, process_index: int, process_count: i
 
 
 def make_train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_size: int,
-                        seed: int, process_index: int = 0, process_count: int = 1
-                        ) -> TrainIterator:
-    """The training stream of this process (see the module docstring)."""
+                        seed: int, process_index: int = 0, process_count: int = 1,
+                        source=None) -> TrainIterator:
+    """The training stream of this process (see the module docstring).
+
+    `source`: the raw train records, any random-access object (`__len__`, `__getitem__`)
+    whose items are dicts with `image` (encoded bytes or a uint8 array [H, W(, C)]),
+    `captions` (a list of str / bytes) and `label` (int); default the shapes train split.
+    Bad records are handled as `vlp_jax.data.sanitize` describes (skipped, converted,
+    truncated) and counted (`TrainIterator.issue_totals`). The tokenizer is always the
+    shapes dataset's.
+    """
     local_batch = _validate_batch(global_batch_size, process_index, process_count)
     if int(data_config.text_length) < 2:
         raise ValueError(f"data.text_length must be >= 2, got {data_config.text_length}")
@@ -192,20 +334,30 @@ def make_train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_
         table = rewrites.load_rewrites(data_config.rewrites_path)
     shuffle_seed, map_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
 
-    ds = grain.MapDataset.source(builder.as_data_source("train")).map_with_index(_AddIndex())
+    if source is None:
+        source, name = builder.as_data_source("train"), builder.builder_config.name
+    else:
+        name = str(getattr(source, "name", type(source).__name__))
+        source = _DictRecords(source)
+    ds = grain.MapDataset.source(source).map_with_index(_AddIndex(len(source)))
     ds = ds[process_index::process_count]
+    shard_len = len(ds)
+    if shard_len < 1:
+        raise ValueError(f"process {process_index} of {process_count} has no train records "
+                         f"(the source has {len(source)})")
     ds = ds.shuffle(seed=shuffle_seed).repeat(None)
     ds = ds.random_map(_TrainTransform(data_config, tokenizer, table), seed=map_seed)
-    ds = ds.batch(local_batch, drop_remainder=True)
+    prefetch = int(data_config.get("prefetch_batches", 2)) * local_batch
     options = grain.ReadOptions(num_threads=int(data_config.get("read_threads", 2)),
-                                prefetch_buffer_size=int(data_config.get("prefetch_batches", 2)))
-    it_ds = ds.to_iter_dataset(options)
+                                prefetch_buffer_size=prefetch)
+    it_ds = _SkipAndCarry(ds.to_iter_dataset(options), max_skips=shard_len)
+    it_ds = it_ds.batch(local_batch, drop_remainder=True)
     workers = int(data_config.get("worker_count", 0))
     if workers > 0:
         _mark_flags_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
     meta = dict(seed=int(seed), local_batch=local_batch, process_index=process_index,
-                process_count=process_count, dataset=builder.builder_config.name)
+                process_count=process_count, dataset=name)
     return TrainIterator(it_ds, meta)
 
 

@@ -42,10 +42,18 @@ class DataBridge:
         return dict(image=np.zeros((global_batch_size, s, s, 3), np.float32),
                     text=np.zeros((global_batch_size, L), np.int32))
 
-    def train_iterator(self, global_batch_size: int, seed: int):
+    def train_source(self):
+        """The raw train records handed to the pipeline (a `__len__` / `__getitem__` object of
+        dicts with image, captions, label); None means the dataset's own train split.
+        Tests override it to inject bad records."""
+        return None
+
+    def train_iterator(self, global_batch_size: int, seed: int) -> pipeline.TrainIterator:
+        """This process's batches; `issue_totals()` counts the bad records it met."""
         return pipeline.make_train_iterator(
             self.config, global_batch_size=global_batch_size, seed=seed,
-            process_index=jax.process_index(), process_count=jax.process_count())
+            process_index=jax.process_index(), process_count=jax.process_count(),
+            source=self.train_source())
 
     @functools.lru_cache(maxsize=8)
     def load_eval_set(self, split: str, max_examples: int | None = None) -> EvalSet:

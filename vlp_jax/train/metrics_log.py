@@ -25,15 +25,19 @@ class MetricWriter:
             from tensorboardX import SummaryWriter   # imported lazily: only process 0 writes
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
-    def write(self, step: int, metrics: Mapping[str, float], prefix: str = "train") -> None:
+    def write(self, step: int, metrics: Mapping[str, float], prefix: str = "train",
+              extra: Mapping[str, float] | None = None) -> None:
+        """One row {'step', '<prefix>/<name>': value, ...}; `extra` keys (already full names,
+        e.g. 'data/resized') join the same row."""
         if not self.enabled:
             return
-        row = {"step": int(step), **{f"{prefix}/{k}": v for k, v in metrics.items()}}
+        values = {**{f"{prefix}/{k}": v for k, v in metrics.items()}, **dict(extra or {})}
+        row = {"step": int(step), **values}
         with open(self._path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        for k, v in metrics.items():
+        for k, v in values.items():
             if isinstance(v, (int, float)) and math.isfinite(v):
-                self._tb.add_scalar(f"{prefix}/{k}", v, step)
+                self._tb.add_scalar(k, v, step)
 
     def close(self) -> None:
         if self._tb is not None:

@@ -108,8 +108,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     `stop_at`: leave the loop after that step with a checkpoint and no evaluation, as a
     preempted job would (tests use it to check that resuming is exact).
 
-    Returns dict(step, final train metrics, eval metrics). Writes metrics.jsonl, TensorBoard
-    events, checkpoints/ and eval.json under workdir.
+    Returns dict(step, final train metrics, eval metrics, data: {kind: count} of the bad
+    records met since the run began, resumes included, summed over processes; see
+    `vlp_jax.data.sanitize.ISSUE_KINDS`). Writes metrics.jsonl (train rows also carry the
+    running `data/<kind>` counts), TensorBoard events, checkpoints/ and eval.json under workdir.
     """
     os.makedirs(workdir, exist_ok=True)
     exp = Experiment(config)
@@ -134,14 +136,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if bar is not None:
         bar.close()
     ckpt.close()
+    data = data_issue_totals(data_iter)
     if stop_at is not None and int(state.step) < tcfg.num_steps:
         writer.close()
-        return {"step": int(state.step), "train": last, "eval": {}}
+        return {"step": int(state.step), "train": last, "eval": {}, "data": data}
     results = exp.evaluate(state.params)
     writer.write(int(state.step), results, prefix="eval")
     writer.close()
     _write_json(os.path.join(workdir, "eval.json"), {"step": int(state.step), **results})
-    return {"step": int(state.step), "train": last, "eval": results}
+    return {"step": int(state.step), "train": last, "eval": results, "data": data}
+
+
+def data_issue_totals(data_iter) -> dict[str, int]:
+    """{kind: count} of bad records consumed so far by every process's iterator (all
+    processes must call it together)."""
+    local = data_iter.issue_totals()
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+    counts = np.asarray([local[k] for k in local], np.int64)
+    summed = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, len(local))
+    return {k: int(v) for k, v in zip(local, summed.sum(axis=0))}
 
 
 def _train_loop(exp, state, data_iter, step_fn, ckpt, writer, bar, guard, start, stop_at):
@@ -156,16 +171,20 @@ def _train_loop(exp, state, data_iter, step_fn, ckpt, writer, bar, guard, start,
         if policy == "stop" and not bool(metrics["finite"]):
             ckpt.save(step, state, data_iter.get_state(), force=True)
             ckpt.close()
-            bad = [k for k, v in to_python(metrics).items() if not np.isfinite(v)]
-            raise NonFiniteError(f"non-finite values at step {step} in {bad or ['gradients']}; "
-                                 f"the last good state is saved at step {step}")
+            bad = sorted(k for k, v in to_python(metrics).items() if not np.isfinite(v))
+            raise NonFiniteError(
+                f"train.nonfinite='stop': non-finite values at step {step} in "
+                f"{bad or ['gradients']}; the update was not applied: checkpoint {step} holds "
+                f"the last good parameters (those after step {step - 1}) and a data position "
+                f"past the bad batch")
         if step % log_every == 0 or step == tcfg.num_steps:
             last = to_python(metrics)
             dt = time.perf_counter() - t0
             last["steps_per_sec"] = (step - n0) / dt
             last["examples_per_sec"] = last["steps_per_sec"] * tcfg.batch_size
             t0, n0 = time.perf_counter(), step
-            writer.write(step, last)
+            writer.write(step, last, extra={f"data/{k}": v
+                                            for k, v in data_issue_totals(data_iter).items()})
             if bar is not None:
                 bar.set_postfix(loss=f"{last['loss']:.4f}", ex_s=f"{last['examples_per_sec']:.0f}")
         if bar is not None:

@@ -1,0 +1,157 @@
+"""Reliability end to end: `vlp-jax train` killed by SIGTERM exits 75 with a checkpoint at the
+step it stopped and resumes to the same parameters as an uninterrupted run (1 and 8
+devices); the 'stop' non-finite policy stops at the bad step, names it and the non-finite
+metrics, and checkpoints the last good state."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from vlp_jax.train.checkpoint import Checkpointer
+from vlp_jax.train.metrics_log import read_metrics
+from vlp_jax.train.preemption import EXIT_PREEMPTED
+from vlp_jax.train.trainer import Experiment, NonFiniteError, train_and_evaluate
+from tests.test_trainer import tiny_clip_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 30
+
+EXPERIMENT = '''
+import sys
+sys.path.insert(0, {root!r})
+from tests.test_trainer import tiny_clip_config
+from vlp_jax.data.pipeline import tiny_data_config
+
+
+def get_config():
+    config = tiny_clip_config(tiny_data_config(data_dir={data_dir!r}), steps={steps},
+                              log_every=2, checkpoint_every=1000)
+    config.evals = {{}}
+    return config
+'''
+
+
+def _config(data_dir):
+    """The experiment file's config, built in this process (for restoring checkpoints)."""
+    from vlp_jax.data.pipeline import tiny_data_config
+    config = tiny_clip_config(tiny_data_config(data_dir=data_dir), steps=STEPS, log_every=2,
+                              checkpoint_every=1000)
+    config.evals = {}
+    return config
+
+
+def _train(config_path, workdir, devices, preempt=False, timeout=120):
+    """Runs `python -m vlp_jax.cli train` on `devices` CPU devices; with `preempt`, sends
+    SIGTERM as soon as metrics.jsonl has a row. Returns (exit code, stderr)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    cmd = [sys.executable, "-m", "vlp_jax.cli", "train", "--config", str(config_path),
+           "--workdir", str(workdir), "--no_progress"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    if preempt:
+        deadline = time.monotonic() + timeout
+        while not read_metrics(str(workdir)) and proc.poll() is None:
+            assert time.monotonic() < deadline, "no metrics row before the deadline"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err
+
+
+def _final_params(config, workdir, step):
+    exp = Experiment(config)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    assert ckpt.latest_step() == step
+    state, _ = ckpt.restore(exp.restore_target())
+    ckpt.close()
+    return jax.device_get(state.params)
+
+
+@pytest.mark.slow                   # three short CLI runs: ~45 s on 1 device, ~75 s on 8
+@pytest.mark.parametrize("devices", [1, 8])
+def test_sigterm_checkpoints_exits_75_and_resumes_exactly(devices, shapes_data_dir, tmp_path):
+    config_path = tmp_path / "tiny_experiment.py"
+    config_path.write_text(EXPERIMENT.format(root=ROOT, data_dir=shapes_data_dir, steps=STEPS))
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+
+    code, err = _train(config_path, resumed, devices, preempt=True)
+    assert code == EXIT_PREEMPTED, err[-3000:]
+    stopped = int(re.search(r"preempted: checkpoint written at step (\d+)", err).group(1))
+    assert 2 <= stopped < STEPS      # checkpoint_every=1000: this save is the preemption's own
+    ckpt = Checkpointer(str(resumed / "checkpoints"))
+    assert ckpt.manager.all_steps() == [stopped]
+    ckpt.close()
+
+    code, err = _train(config_path, resumed, devices)
+    assert code == 0, err[-3000:]
+    code, err = _train(config_path, straight, devices)
+    assert code == 0, err[-3000:]
+
+    logged = [r["step"] for r in read_metrics(str(resumed)) if "train/loss" in r]
+    assert logged == sorted(set(logged)) and logged[-1] == STEPS
+    config = _config(shapes_data_dir)
+    a, b = (_final_params(config, str(w), STEPS) for w in (straight, resumed))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------- NaN 'stop'
+
+class _PoisonedIterator:
+    """Wraps a TrainIterator; the batch of step `bad_step` gets NaN images."""
+
+    def __init__(self, inner, bad_step):
+        self.inner, self.bad_step, self.step = inner, bad_step, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.inner)
+        self.step += 1
+        if self.step == self.bad_step:
+            batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+        return batch
+
+    def __getattr__(self, name):        # get_state, set_state, issue_totals
+        return getattr(self.inner, name)
+
+
+def test_nonfinite_stop_names_step_and_metric_and_keeps_last_good_state(
+        shapes_data_config, tmp_path, monkeypatch):
+    from vlp_jax.train import data_bridge
+    bad_step = 5
+    original = data_bridge.DataBridge.train_iterator
+    monkeypatch.setattr(data_bridge.DataBridge, "train_iterator",
+                        lambda self, *a, **k: _PoisonedIterator(original(self, *a, **k),
+                                                                bad_step))
+    config = tiny_clip_config(shapes_data_config, steps=10, nonfinite="stop", checkpoint_every=1,
+                              log_every=1)
+    config.evals = {}
+    with pytest.raises(NonFiniteError) as info:
+        train_and_evaluate(config, str(tmp_path), progress=False)
+    message = str(info.value)
+    assert f"at step {bad_step} in [" in message and "'loss'" in message, message
+    assert f"after step {bad_step - 1}" in message, message
+
+    exp = Experiment(config)
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"))
+    assert ckpt.latest_step() == bad_step
+    params = {}
+    for step in (bad_step - 1, bad_step):
+        state, _ = ckpt.restore(exp.restore_target(), step)
+        params[step] = jax.device_get(state.params)
+        assert int(state.step) == step
+    ckpt.close()
+    for x, y in zip(jax.tree.leaves(params[bad_step - 1]), jax.tree.leaves(params[bad_step])):
+        np.testing.assert_array_equal(x, y)           # the bad update was not applied
+        assert np.isfinite(y).all()
+    logged = [r["step"] for r in read_metrics(str(tmp_path)) if "train/loss" in r]
+    assert logged == list(range(1, bad_step))         # nothing logged for the bad step
