@@ -44,7 +44,7 @@ def get_config(arg=None):
     ))
     config.method = ml_collections.ConfigDict(dict(name="contrastive", loss="softmax",
                                                    mask_ratio=0.0))
-    steps = arg.steps or (300 if arg.smoke else 600)
+    steps = arg.steps or (300 if arg.smoke else 400)
     config.optim = ml_collections.ConfigDict(dict(
         name="adamw", lr=1e-3, warmup_steps=max(steps // 20, 1), end_factor=0.0,
         b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1, grad_clip_norm=1.0))
