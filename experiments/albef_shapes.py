@@ -18,6 +18,7 @@ Evaluation: ITC retrieval, ITC top-16 re-ranked by the ITM head, zero-shot class
 import os
 
 import ml_collections
+from ml_collections import config_dict
 
 from vlp_jax.config_args import load_config, parse_arg
 
@@ -52,6 +53,7 @@ def get_config(arg=None):
         retrieval=dict(type="retrieval", split="test", max_examples=n, batch_size=128),
         rerank=dict(type="itm_rerank_retrieval", split="test", max_examples=n, batch_size=128,
                     k=16),
-        zeroshot=dict(type="zero_shot", split="test", max_examples=None, batch_size=256),
+        zeroshot=dict(type="zero_shot", split="test", batch_size=256,
+                      max_examples=config_dict.placeholder(int)),
     ))
     return config

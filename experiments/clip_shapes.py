@@ -10,6 +10,7 @@ a 2-core CPU; zero-shot accuracy and retrieval recall are printed at the end.
 Arguments (`:a=1,b`): smoke (tiny model and data, ~1 minute), steps, batch, res.
 """
 import ml_collections
+from ml_collections import config_dict
 
 from vlp_jax.config_args import parse_arg
 from vlp_jax.data.pipeline import default_data_config
@@ -53,7 +54,9 @@ def get_config(arg=None):
         checkpoint_every=500, keep_checkpoints=2, nonfinite="skip"))
     config.mesh = ml_collections.ConfigDict(dict(axes={"data": -1}))
     config.evals = ml_collections.ConfigDict(dict(
-        zeroshot=dict(type="zero_shot", split="test", max_examples=None, batch_size=256),
-        retrieval=dict(type="retrieval", split="test", max_examples=None, batch_size=256),
+        zeroshot=dict(type="zero_shot", split="test", batch_size=256,
+                      max_examples=config_dict.placeholder(int)),
+        retrieval=dict(type="retrieval", split="test", batch_size=256,
+                       max_examples=config_dict.placeholder(int)),
     ))
     return config

@@ -48,6 +48,7 @@ from typing import Any, Iterator
 import grain
 import ml_collections
 import numpy as np
+from ml_collections import config_dict
 
 from vlp_jax.data import preprocess, rewrites, sanitize, shapes_builder, shapes_world
 from vlp_jax.data.tokenizer import Tokenizer
@@ -58,12 +59,14 @@ _STATE_VERSION = 2   # 2: skip-and-carry stage, issue totals
 
 
 def default_data_config() -> ml_collections.ConfigDict:
-    """The main job's data config (fields documented in the module docstring)."""
+    """The main job's data config (fields documented in the module docstring). Fields that
+    default to None are typed placeholders, so `--config.data.data_dir=...` can set them."""
     return ml_collections.ConfigDict(dict(
-        name="shapes", data_dir=None, image_size=64, num_train=20000, num_validation=1000,
-        num_test=1000, captions_per_image=5, seed=0, vocab_size=256, text_length=28,
-        augment=True, two_views=False, all_captions=False, num_caption_candidates=0,
-        rewrites_path=None, worker_count=0, read_threads=2, prefetch_batches=2))
+        name="shapes", data_dir=config_dict.placeholder(str), image_size=64, num_train=20000,
+        num_validation=1000, num_test=1000, captions_per_image=5, seed=0, vocab_size=256,
+        text_length=28, augment=True, two_views=False, all_captions=False, num_caption_candidates=0,
+        rewrites_path=config_dict.placeholder(str), worker_count=0, read_threads=2,
+        prefetch_batches=2))
 
 
 def tiny_data_config(**overrides) -> ml_collections.ConfigDict:

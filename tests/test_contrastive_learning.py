@@ -1,0 +1,101 @@
+"""ALIGN, SigLIP, FLIP and LiT train from their experiment files and learn.
+
+Each test loads `experiments/<name>_shapes.py:smoke`, keeps what makes the method (the ResNet
+tower and bidirectional CLS text encoder of ALIGN, the sigmoid loss of SigLIP, FLIP's patch
+masking, LiT's locked warm-started image tower) and shrinks the rest to width-32 towers on
+the session's tiny 24 px dataset. Learning means zero-shot top-1 (40 classes, chance 2.5%)
+and text-to-image R@10 (128 images, chance 7.8%) at least 3x chance on held-out scenes.
+"""
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from vlp_jax.config_args import load_config
+from vlp_jax.train.checkpoint import Checkpointer
+from vlp_jax.train.metrics_log import read_metrics
+from vlp_jax.train.trainer import Experiment, train_and_evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
+
+
+def tiny_experiment(data_config, spec: str, steps: int):
+    """`experiments/<spec>` (a file and its argument) with width-32 towers, batch 64, on the
+    tiny dataset; the method section and the tower types are the experiment's."""
+    config = load_config(os.path.join(ROOT, "experiments", spec))
+    config.data = data_config
+    res, length = data_config.image_size, data_config.text_length
+    config.model.embed_dim = 32
+    image = config.model.image
+    if image.type == "resnet":
+        image.update(image_size=res, width=16, stage_sizes=[1, 1, 1], stem_stride=1)
+    else:
+        image.update(image_size=res, patch_size=res // 4, width=32, depth=1, num_heads=2,
+                     mlp_dim=64)
+    config.model.text.update(width=32, depth=1, num_heads=2, mlp_dim=64, context_length=length)
+    config.optim.update(lr=3e-3, warmup_steps=10)
+    config.train.update(batch_size=64, num_steps=steps, log_every=25, checkpoint_every=steps)
+    for ev in config.evals.values():
+        ev.split, ev.max_examples = "validation", 128
+    return config
+
+
+def _train(config, workdir):
+    result = train_and_evaluate(config, str(workdir), progress=False)
+    rows = [r for r in read_metrics(str(workdir)) if "train/loss" in r]
+    return result["eval"], rows
+
+
+def _assert_learns(ev, rows, name):
+    print(name, {k: round(v, 2) for k, v in ev.items()})
+    assert rows[-1]["train/loss"] < rows[0]["train/loss"], [r["train/loss"] for r in rows]
+    assert ev["zeroshot/top1"] > 3 * ev["zeroshot/chance"], ev
+    assert ev["retrieval/t2i_r10"] > 3 * 100 * 10 / 128, ev
+
+
+def test_align_with_a_resnet_tower_learns(shapes_data_config, tmp_path):
+    config = tiny_experiment(shapes_data_config, "align_shapes.py:smoke", steps=300)
+    assert config.model.image.type == "resnet" and not config.model.text.causal
+    ev, rows = _train(config, tmp_path)
+    _assert_learns(ev, rows, "ALIGN")
+
+
+def test_siglip_learns_with_its_bias(shapes_data_config, tmp_path):
+    config = tiny_experiment(shapes_data_config, "siglip_shapes.py:smoke", steps=300)
+    assert config.method.loss == "sigmoid"
+    ev, rows = _train(config, tmp_path)
+    _assert_learns(ev, rows, "SigLIP")
+
+
+def test_flip_learns_from_half_of_the_patches(shapes_data_config, tmp_path):
+    config = tiny_experiment(shapes_data_config, "flip_shapes.py:smoke,ratio=0.5", steps=300)
+    assert config.method.mask_ratio == 0.5
+    ev, rows = _train(config, tmp_path)
+    _assert_learns(ev, rows, "FLIP")
+
+
+def _restore_params(config, workdir):
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    state, _ = ckpt.restore(Experiment(config).restore_target())
+    ckpt.close()
+    return jax.device_get(state.params)
+
+
+def test_lit_locks_a_pretrained_image_tower_and_learns(shapes_data_config, tmp_path):
+    clip = tiny_experiment(shapes_data_config, "clip_shapes.py:smoke", steps=300)
+    _train(clip, tmp_path / "clip")
+    lit = tiny_experiment(shapes_data_config,
+                          f"lit_shapes.py:smoke,init={tmp_path / 'clip'}", steps=150)
+    assert list(lit.method.frozen) == ["image_tower", "image_proj"]
+    ev, rows = _train(lit, tmp_path / "lit")
+    _assert_learns(ev, rows, "LiT")
+    before = _restore_params(clip, tmp_path / "clip")
+    after = _restore_params(lit, tmp_path / "lit")
+    for name in ("image_tower", "image_proj"):          # copied from CLIP, never moved
+        for a, b in zip(jax.tree.leaves(before[name]), jax.tree.leaves(after[name])):
+            np.testing.assert_array_equal(a, b)
+    moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before["text_tower"]),
+                                                      jax.tree.leaves(after["text_tower"]))]
+    assert np.mean(moved) > 0.9, "the text tower trains"
