@@ -13,7 +13,8 @@ few batches deep, as in the original's 65536 / 512. Data, optimiser and mesh as 
 
 Arguments: smoke, steps, batch, res (as clip_shapes); queue (256); alpha (0.4); fusion
 ('cross_attention', or 'coattention' -- see coattention_shapes.py).
-Evaluation: ITC retrieval, ITC top-16 re-ranked by the ITM head, zero-shot classification.
+Evaluation: ITC retrieval, ITC top-16 re-ranked by the ITM head, zero-shot classification,
+compositional swaps scored by the ITM head and by ITC.
 """
 import os
 
@@ -55,5 +56,8 @@ def get_config(arg=None):
                     k=16),
         zeroshot=dict(type="zero_shot", split="test", batch_size=256,
                       max_examples=config_dict.placeholder(int)),
+        compositional=dict(type="compositional", split="test", max_examples=n, batch_size=128),
+        compositional_itc=dict(type="compositional", split="test", max_examples=n,
+                               batch_size=128, use_itm=False),
     ))
     return config

@@ -58,5 +58,7 @@ def get_config(arg=None):
                       max_examples=config_dict.placeholder(int)),
         retrieval=dict(type="retrieval", split="test", batch_size=256,
                        max_examples=config_dict.placeholder(int)),
+        compositional=dict(type="compositional", split="test", batch_size=256,
+                           max_examples=config_dict.placeholder(int)),
     ))
     return config

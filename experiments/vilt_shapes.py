@@ -67,5 +67,7 @@ def get_config(arg=None):
         config.evals = ml_collections.ConfigDict(dict(
             rerank=dict(type="itm_rerank_retrieval", split="test",
                         max_examples=128 if arg.smoke else 512, batch_size=128, k=16),
+            compositional=dict(type="compositional", split="test",
+                               max_examples=128 if arg.smoke else 512, batch_size=128),
         ))
     return config

@@ -156,3 +156,38 @@ def test_images_without_negatives_are_skipped_and_none_at_all_is_an_error():
         evaluate_compositional(perfect_itc_encoders(positives), _images(6), positives,
                                [[]] * 6, tokenize)
 
+
+
+def test_registered_evaluator_reads_scenes_and_honours_use_itm(shapes_data_config):
+    """`type: compositional` in config.evals: the split's scenes give the canonical caption and
+    its swaps; the ITM head scores them unless use_itm=False (then ITC cosines)."""
+    from vlp_jax.data.pipeline import load_eval_set
+    from vlp_jax.data.shapes_builder import load_tokenizer
+    from vlp_jax.evaluators.registry import run_evaluators
+    tok = load_tokenizer(shapes_data_config)
+    calls = {"itm": 0, "itc": 0}
+
+    def embed(kind):
+        def fn(x):
+            calls[kind] += 1
+            flat = np.asarray(x, np.float64).reshape(len(x), -1)
+            return flat[:, :4] / (np.linalg.norm(flat[:, :4], axis=1, keepdims=True) + 1e-9)
+        return fn
+
+    def score_pairs(images, tokens):
+        calls["itm"] += 1
+        return np.asarray(tokens, np.float64).sum(axis=1)
+
+    encoders = Encoders(encode_image=embed("itc"), encode_text=embed("itc"),
+                        score_pairs=score_pairs)
+    evals = {"itm": {"type": "compositional", "split": "validation", "max_examples": 32},
+             "itc": {"type": "compositional", "split": "validation", "max_examples": 32,
+                     "use_itm": False}}
+    out = run_evaluators(evals, encoders,
+                         lambda split, n: load_eval_set(shapes_data_config, split, n),
+                         lambda texts: tok.encode(list(texts), shapes_data_config.text_length))
+    assert calls["itm"] > 0 and calls["itc"] > 0
+    for name in evals:
+        assert out[f"{name}/chance"] == 50.0
+        assert 0.0 <= out[f"{name}/overall"] <= 100.0
+        assert sum(out[k] for k in out if k.startswith(f"{name}/n_")) > 0

@@ -108,3 +108,24 @@ def evaluate_compositional(encoders: Encoders, images: np.ndarray, positives: Se
     n = len(keep)
     return pairwise_accuracy(scores[:n], scores[n:], kinds, np.asarray(owner[n:]),
                              tie_tolerance)
+
+
+def evaluate_compositional_config(config, encoders: Encoders, load_eval_set_fn,
+                                  tokenize_fn) -> dict[str, float]:
+    """The 'compositional' evaluator of `config.evals`: each image of the split scored with
+    its scene's canonical caption against that caption's swaps (`shapes_world.hard_negatives`).
+    `config.use_itm` (default True) scores with the ITM head when the model has one; False
+    compares ITC cosines, so a fusion model's two stages can be measured separately."""
+    from vlp_jax.data import shapes_world
+    if config.get("split") is None:
+        raise ValueError("an evaluator config needs `split`")
+    ds = load_eval_set_fn(config["split"], config.get("max_examples", None))
+    if not ds.scenes:
+        raise ValueError("the compositional evaluator needs the eval set's scene descriptions")
+    if not config.get("use_itm", True):
+        encoders = Encoders(encode_image=encoders.encode_image, encode_text=encoders.encode_text)
+    positives = [shapes_world.canonical_caption(s) for s in ds.scenes]
+    negatives = [shapes_world.hard_negatives(s) for s in ds.scenes]
+    return evaluate_compositional(encoders, ds.images, positives, negatives, tokenize_fn,
+                                  batch_size=int(config.get("batch_size", None) or 256),
+                                  tie_tolerance=float(config.get("tie_tolerance", 1e-5)))

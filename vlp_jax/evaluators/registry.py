@@ -33,6 +33,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from vlp_jax.data.types import EvalSet
+from vlp_jax.evaluators.compositional import evaluate_compositional_config
 from vlp_jax.evaluators.embed import embed_in_batches
 from vlp_jax.evaluators.itm_rerank import evaluate_itm_rerank
 from vlp_jax.evaluators.retrieval import DEFAULT_CHUNK, DEFAULT_KS, retrieval_metrics
@@ -91,6 +92,7 @@ EVALUATORS: dict[str, EvaluatorFn] = {
     "zero_shot": evaluate_zero_shot,
     "retrieval": evaluate_retrieval,
     "itm_rerank_retrieval": evaluate_itm_rerank,
+    "compositional": evaluate_compositional_config,
 }
 
 
