@@ -62,3 +62,31 @@ def test_experiment_arguments_are_checked():
         parse_arg("smok", smoke=False)
     assert parse_arg("smoke,steps=5", smoke=False, steps=0).to_dict() == {"smoke": True,
                                                                           "steps": 5}
+
+
+EXPERIMENTS = sorted(f for f in os.listdir(os.path.join(ROOT, "experiments"))
+                     if f.endswith(".py") and not f.startswith("_"))
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_file_validates_and_builds_its_method(name):
+    """Each recipe's full and :smoke configs pass validation, and its method builds (a typo in
+    an experiment file fails here, not minutes into a run)."""
+    for arg in ("", ":smoke"):
+        config = load_config(os.path.join(ROOT, "experiments", name) + arg)
+        validate_config(config, make_mesh())
+        vocab = dict(vocab_size=64, pad_id=0, bos_id=1, eos_id=2, mask_id=3)
+        build_method(config, vocab, make_mesh())
+
+
+def test_vilt_itm_warmup_argument():
+    path = os.path.join(ROOT, "experiments", "vilt_shapes.py")
+    assert dict(load_config(path + ":steps=1000").method.start_steps) == {"mlm": 450}
+    assert dict(load_config(path + ":itm_warmup=0").method.start_steps) == {}
+    assert dict(load_config(path + ":variant=uniter").method.start_steps) == {}
+    uniter = load_config(path + ":variant=uniter,itm_warmup=0.5,steps=100").method.start_steps
+    assert dict(uniter) == {"mlm": 50, "mrfr": 50, "mrc_kl": 50}
+    with pytest.raises(ValueError, match=r"itm_warmup must be in \[0, 1\)"):
+        load_config(path + ":itm_warmup=1.5")
+    with pytest.raises(ValueError, match="needs 'itm'"):
+        load_config(path + ":variant=vlbert,itm_warmup=0.5")

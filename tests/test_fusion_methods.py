@@ -54,7 +54,7 @@ def test_half_of_the_itm_pairs_are_positive():
     assert np.asarray(half_positive_labels(jax.random.key(0), 7)).sum() == 4
 
 
-def test_uniter_task_mixing_steps_are_finite_and_the_codebook_is_fitted_once():
+def test_uniter_task_mixing_steps_are_finite_and_the_codebook_is_fitted_once(tmp_path):
     """UNITER: one task per step among all five (ViLT's summed MLM + ITM + WPA is trained in the
     learning test below)."""
     mesh = make_mesh()
@@ -74,6 +74,26 @@ def test_uniter_task_mixing_steps_are_finite_and_the_codebook_is_fitted_once():
     assert bool(state.aux["codebook_ready"])
     assert np.abs(codebooks[0]).sum() > 0                          # fitted on real patches
     np.testing.assert_array_equal(codebooks[0], codebooks[-1])     # and frozen after
+    _check_checkpoint_round_trip(state, step, to_global_batch(_batch(seed=9), mesh), tmp_path)
+
+
+def _check_checkpoint_round_trip(state, step, batch, workdir):
+    """The whole TrainState, its method's aux state included, comes back from an orbax
+    checkpoint bitwise and with its shardings, and the next step from it is the same."""
+    from vlp_jax.train.checkpoint import Checkpointer
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          state)
+    ckpt = Checkpointer(str(workdir / "checkpoints"), every=1)
+    ckpt.save(int(state.step), state, {"position": 0}, force=True)
+    ckpt.wait()
+    restored, _ = ckpt.restore(target)
+    ckpt.close()
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+        assert a.sharding == b.sharding
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    (next_a, _), (next_b, _) = step(state, batch), step(restored, batch)
+    for a, b in zip(jax.tree.leaves(next_a), jax.tree.leaves(next_b)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_vilt_rejects_bad_configs():
@@ -88,6 +108,18 @@ def test_vilt_rejects_bad_configs():
     with pytest.raises(ValueError, match="task_ratios"):
         build_method(_cfg(single_cfg(), name="vilt", objectives=("mlm", "itm"),
                           mixing="sample", task_ratios=dict(mrfr=1.0)), VOCAB, mesh)
+    with pytest.raises(ValueError, match="start_steps"):
+        build_method(_cfg(single_cfg(), name="vilt", objectives=("mlm", "itm"),
+                          start_steps=dict(mrfr=10)), VOCAB, mesh)
+
+
+def test_start_steps_zero_an_objective_until_its_step():
+    mesh = make_mesh()
+    method = build_method(_cfg(single_cfg(), name="vilt", objectives=("mlm", "itm"),
+                               start_steps=dict(mlm=5)), VOCAB, mesh)
+    assert float(method._weight("mlm", jnp.array(4))) == 0.0
+    assert float(method._weight("mlm", jnp.array(5))) == 1.0
+    assert method._weight("itm", jnp.array(0)) == 1.0
 
 
 def _albef(mesh, **method):
@@ -193,11 +225,12 @@ def test_itm_rerank_needs_a_pair_scorer():
 # ---- learning tests on the shared tiny shapes dataset -----------------------------------------
 
 def _tiny(experiment, data_config, steps, **model):
-    """An experiment file shrunk to width-32 models on the session's tiny dataset."""
+    """An experiment file (its `:smoke,steps=N` config) shrunk to width-32 models on the
+    session's tiny dataset."""
     import os
     from vlp_jax.config_args import load_config
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    config = load_config(os.path.join(root, "experiments", experiment) + ":smoke")
+    config = load_config(os.path.join(root, "experiments", experiment) + f":smoke,steps={steps}")
     config.data = data_config
     res, length = data_config.image_size, data_config.text_length
     if config.model.name == "single_stream":
@@ -235,34 +268,28 @@ def _mlm_chance(config):
     return 1.0 / DataBridge(config.data).vocab()["vocab_size"]
 
 
-def test_vilt_learns_mlm_far_above_chance(shapes_data_config, tmp_path):
-    """ViLT's summed recipe (MLM + ITM + 0.1 WPA) from scratch: the loss falls and MLM learns.
-    At this scale the ITM term stays at chance next to MLM (measured: itm_acc ~0.5 after
-    500-2000 steps, for widths 32 and 64, with or without WPA, clipping or task sampling; ViLT
-    itself starts from a pretrained ViT). The two compete for the shared encoder: with the MLM
-    weight at 0.05, ITM leaves chance after ~700 steps (0.72 at 1000) while MLM slows to 0.19.
-    ITM alone is shown to learn in the next test."""
-    config = _tiny("vilt_shapes.py", shapes_data_config, steps=500)
+def test_vilt_learns_itm_and_mlm_from_its_experiment_file(shapes_data_config, tmp_path):
+    """vilt_shapes.py as it stands (MLM + ITM + 0.1 WPA summed, after the ITM-first warm-up:
+    ITM (+WPA) alone for the first 45% of the steps) learns both objectives from scratch.
+    Chance: ITM 50% (half the pairs matched; held out, own vs a random other image), MLM
+    1 / vocab_size. (Summed from step 0, `itm_warmup=0`, ITM stays at chance at this scale:
+    see the experiment file.)"""
+    config = _tiny("vilt_shapes.py", shapes_data_config, steps=1800)
+    assert dict(config.method.start_steps) == {"mlm": 810}
+    assert tuple(config.method.objectives) == ("mlm", "itm", "wpa")
+    config.optim.update(lr=1e-3)                      # the file's peak learning rate
     result, rows, last = _train(config, tmp_path)
     ev = result["eval"]
     print("ViLT train", last, "eval", ev)
-    assert rows[-1]["train/loss"] < 0.8 * rows[0]["train/loss"], [r["train/loss"] for r in rows]
-    # MLM: chance is 1 / vocab_size (a few %); most masked words need the image or the context.
-    assert last["mlm_acc"] > max(0.3, 5 * _mlm_chance(config)), last
-    assert ev["rerank/rerank_pairs"] < ev["rerank/total_pairs"]
-
-
-def test_vilt_itm_objective_learns_to_match(shapes_data_config, tmp_path):
-    """The single-stream model with ITM (random negatives for half the pairs) learns to tell
-    matched from mismatched pairs: chance is 50% both in training and on held-out pairs."""
-    config = _tiny("vilt_shapes.py", shapes_data_config, steps=800)
-    config.method.objectives = ("itm",)
-    config.optim.update(lr=1e-3, end_factor=1.0)    # the ITM plateau needs a steady step size
-    result, rows, last = _train(config, tmp_path)
-    ev = result["eval"]
-    print("ViLT ITM train", last, "eval", ev)
+    before = [r for r in rows if r["step"] < 810]
+    assert all(r["train/mlm_loss"] > 0 for r in before)          # computed, weighted 0
+    assert rows[-1]["train/itm_loss"] < 0.8 * before[0]["train/itm_loss"], rows
     assert last["itm_acc"] > 0.7, last
     assert ev["rerank/itm_pair_acc"] > 70.0, ev
+    # Measured: MLM 0.16 (it trains ~1,000 steps, on the decaying half of the cosine schedule;
+    # 0.37 with a constant learning rate), ITM 0.86 in training, 85.6% on held-out pairs.
+    assert last["mlm_acc"] > max(0.1, 20 * _mlm_chance(config)), last
+    assert ev["rerank/rerank_pairs"] < ev["rerank/total_pairs"]
 
 
 def test_albef_learns_on_eight_devices_with_ema_and_queues(shapes_data_config, tmp_path):

@@ -17,7 +17,7 @@ from vlp_jax.train.checkpoint import Checkpointer
 from vlp_jax.train.metrics_log import read_metrics
 from vlp_jax.train.preemption import EXIT_PREEMPTED
 from vlp_jax.train.trainer import Experiment, NonFiniteError, train_and_evaluate
-from tests.test_trainer import tiny_clip_config
+from tests.test_trainer import restore_state, tiny_clip_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 30
@@ -65,15 +65,6 @@ def _train(config_path, workdir, devices, preempt=False, timeout=120):
     return proc.returncode, err
 
 
-def _final_params(config, workdir, step):
-    exp = Experiment(config)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-    assert ckpt.latest_step() == step
-    state, _ = ckpt.restore(exp.restore_target())
-    ckpt.close()
-    return jax.device_get(state.params)
-
-
 @pytest.mark.slow                   # three short CLI runs: ~45 s on 1 device, ~75 s on 8
 @pytest.mark.parametrize("devices", [1, 8])
 def test_sigterm_checkpoints_exits_75_and_resumes_exactly(devices, shapes_data_dir, tmp_path):
@@ -97,7 +88,7 @@ def test_sigterm_checkpoints_exits_75_and_resumes_exactly(devices, shapes_data_d
     logged = [r["step"] for r in read_metrics(str(resumed)) if "train/loss" in r]
     assert logged == sorted(set(logged)) and logged[-1] == STEPS
     config = _config(shapes_data_dir)
-    a, b = (_final_params(config, str(w), STEPS) for w in (straight, resumed))
+    a, b = (restore_state(config, w, step=STEPS).params for w in (straight, resumed))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(x, y, atol=1e-6, rtol=0)
 
@@ -155,3 +146,4 @@ def test_nonfinite_stop_names_step_and_metric_and_keeps_last_good_state(
         assert np.isfinite(y).all()
     logged = [r["step"] for r in read_metrics(str(tmp_path)) if "train/loss" in r]
     assert logged == list(range(1, bad_step))         # nothing logged for the bad step
+

@@ -33,9 +33,11 @@ Combining objectives:
                         conditional masking: the MLM task masks only the text, the region tasks
                         only the image, ITM masks nothing.
 
-config.method fields: objectives, mixing, weights {name: w} (wpa 0.1, others 1), task_ratios
-{task: r}, mlm_prob (0.15), whole_word_masking (False), mrm_prob (0.15), mrc_temperature (1.0),
-kmeans_iterations (10).
+config.method fields: objectives, mixing, weights {name: w} (wpa 0.1, others 1),
+start_steps {name: N} (that objective's weight is 0 before step N, its loss still computed and
+logged: a curriculum; experiments/vilt_shapes.py starts MLM after an ITM-only warm-up, which
+from scratch lets ITM leave its chance plateau), task_ratios {task: r}, mlm_prob (0.15),
+whole_word_masking (False), mrm_prob (0.15), mrc_temperature (1.0), kmeans_iterations (10).
 
 Evaluation encoders: `encode_image` / `encode_text` are the shared transformer run on one
 modality alone, mean-pooled and L2-normalised (ViLT has no contrastive head, so this first-stage
@@ -124,6 +126,12 @@ class ViltMethod(Method):
             raise ValueError(f"method.weights has unknown objectives {sorted(bad)}; valid: "
                              f"{OBJECTIVES}")
         self._weights = {o: float(weights.get(o, DEFAULT_WEIGHTS.get(o, 1.0))) for o in objectives}
+        starts = dict(cfg.get("start_steps", None) or {})
+        bad = {k: v for k, v in starts.items() if k not in objectives or int(v) < 0}
+        if bad:
+            raise ValueError(f"method.start_steps {bad}: keys must be in method.objectives "
+                             f"{objectives} and steps >= 0")
+        self._starts = {k: int(v) for k, v in starts.items()}
         if mixing == "sample":
             ratios = dict(cfg.get("task_ratios", None) or {})
             bad = set(ratios) - set(self._tasks)
@@ -173,7 +181,14 @@ class ViltMethod(Method):
                              method=lambda m, x, t: m.mlm_logits(m.encode(x, t)["text"]))
         return mlm_loss(logits, targets, weights)
 
-    def _itm(self, params, batch, rng):
+    def _weight(self, name, step):
+        """weights[name], or 0 before start_steps[name]."""
+        w = self._weights[name]
+        if name not in self._starts:
+            return w
+        return jnp.where(jnp.asarray(step) >= self._starts[name], w, 0.0)
+
+    def _itm(self, params, batch, rng, step):
         images, text = batch["image"], batch["text"]
         b = images.shape[0]
         k_neg, k_lab = jax.random.split(rng)
@@ -187,14 +202,14 @@ class ViltMethod(Method):
         out, logits = self._apply(params, pair_images, text, method=forward)
         loss, metrics = itm_loss(logits, labels)
         metrics = dict(metrics, itm_loss=loss)
-        loss = self._weights["itm"] * loss
+        loss = self._weight("itm", step) * loss
         if "wpa" in self._objectives:
             image_mask = jnp.ones(out["image"].shape[:2], bool)
             if self.model.image_cls:
                 image_mask = image_mask.at[:, 0].set(False)
             wpa, wpa_metrics = wpa_loss(out["text"], wpa_text_mask(out["text_valid"]),
                                         out["image"], image_mask, labels == 1)
-            loss = loss + self._weights["wpa"] * wpa
+            loss = loss + self._weight("wpa", step) * wpa
             metrics = dict(metrics, **wpa_metrics, wpa_loss=wpa)
         return loss, metrics
 
@@ -216,25 +231,26 @@ class ViltMethod(Method):
             return mrc_loss(pred, ids, mask)
         return mrc_kl_loss(pred, probs, mask)
 
-    def _task_fn(self, name, params, aux, batch, rng):
+    def _task_fn(self, name, params, aux, batch, rng, step):
         """A zero-argument function returning one task's weighted loss and its metrics
         (`<task>_loss` unweighted; the ITM task also carries the weighted WPA term)."""
         def run():
             if name == "itm":
-                return self._itm(params, batch, rng)
+                return self._itm(params, batch, rng, step)
             if name == "mlm":
                 out = self._mlm(params, batch, rng)
             else:
                 out = self._region(params, aux, batch, rng, name)
             loss, metrics = out if isinstance(out, tuple) else (out, {})
-            return self._weights[name] * loss, dict(metrics, **{f"{name}_loss": loss})
+            return self._weight(name, step) * loss, dict(metrics, **{f"{name}_loss": loss})
         return run
 
     # ---- Method interface -------------------------------------------------------------------
     def loss(self, params, aux, batch, rng, step):
         k_code, k_mix, *keys = jax.random.split(rng, 2 + len(self._tasks))
         aux = self._fitted_codebook(aux, batch["image"], k_code)
-        fns = [self._task_fn(t, params, aux, batch, k) for t, k in zip(self._tasks, keys)]
+        fns = [self._task_fn(t, params, aux, batch, k, step)
+               for t, k in zip(self._tasks, keys)]
         if self.config.get("mixing", "sum") == "sample":
             loss, metrics = mix_losses(k_mix, fns, self._ratios)
             return loss, metrics, aux
