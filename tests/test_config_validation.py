@@ -72,11 +72,11 @@ EXPERIMENTS = sorted(f for f in os.listdir(os.path.join(ROOT, "experiments"))
 def test_every_experiment_file_validates_and_builds_its_method(name):
     """Each recipe's full and :smoke configs pass validation, and its method builds (a typo in
     an experiment file fails here, not minutes into a run)."""
+    mesh, vocab = make_mesh(), dict(vocab_size=64, pad_id=0, bos_id=1, eos_id=2, mask_id=3)
     for arg in ("", ":smoke"):
         config = load_config(os.path.join(ROOT, "experiments", name) + arg)
-        validate_config(config, make_mesh())
-        vocab = dict(vocab_size=64, pad_id=0, bos_id=1, eos_id=2, mask_id=3)
-        build_method(config, vocab, make_mesh())
+        validate_config(config, mesh)
+        build_method(config, vocab, mesh)
 
 
 def test_vilt_itm_warmup_argument():

@@ -80,9 +80,8 @@ def test_uniter_task_mixing_steps_are_finite_and_the_codebook_is_fitted_once(tmp
 def _check_checkpoint_round_trip(state, step, batch, workdir):
     """The whole TrainState, its method's aux state included, comes back from an orbax
     checkpoint bitwise and with its shardings, and the next step from it is the same."""
-    from vlp_jax.train.checkpoint import Checkpointer
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          state)
+    from vlp_jax.train.checkpoint import Checkpointer, abstract_with_shardings
+    target = abstract_with_shardings(state, jax.tree.map(lambda x: x.sharding, state))
     ckpt = Checkpointer(str(workdir / "checkpoints"), every=1)
     ckpt.save(int(state.step), state, {"position": 0}, force=True)
     ckpt.wait()
@@ -315,15 +314,12 @@ def test_albef_learns_on_eight_devices_with_ema_and_queues(shapes_data_config, t
 def _check_ema_and_queues(config, workdir):
     """The final checkpoint's momentum model lies between its initial value and the student,
     closer to the student; the queues are full of momentum features."""
-    import os
     from vlp_jax.losses.distill import queue_valid_mask
     from vlp_jax.methods.albef import teacher_subtrees
-    from vlp_jax.train.checkpoint import Checkpointer
     from vlp_jax.train.trainer import Experiment
+    from tests.test_trainer import restore_state
     exp = Experiment(config)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-    state, _ = ckpt.restore(exp.restore_target())
-    ckpt.close()
+    state = restore_state(exp, workdir)
     initial = teacher_subtrees(jax.device_get(exp.new_state().params))
     teacher = jax.device_get(state.aux["teacher"])
     student = teacher_subtrees(jax.device_get(state.params))

@@ -87,8 +87,8 @@ def test_sigterm_checkpoints_exits_75_and_resumes_exactly(devices, shapes_data_d
 
     logged = [r["step"] for r in read_metrics(str(resumed)) if "train/loss" in r]
     assert logged == sorted(set(logged)) and logged[-1] == STEPS
-    config = _config(shapes_data_dir)
-    a, b = (restore_state(config, w, step=STEPS).params for w in (straight, resumed))
+    exp = Experiment(_config(shapes_data_dir))
+    a, b = (restore_state(exp, w, step=STEPS).params for w in (straight, resumed))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(x, y, atol=1e-6, rtol=0)
 

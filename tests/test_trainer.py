@@ -33,13 +33,13 @@ def tiny_clip_config(data_config, steps=40, **train):
     return config
 
 
-def restore_state(config, workdir, step=None):
-    """The TrainState of `workdir`'s latest checkpoint (asserted to be at `step` if given),
-    fetched to host memory."""
+def restore_state(exp, workdir, step=None):
+    """The TrainState of `workdir`'s latest checkpoint of Experiment `exp` (asserted to be at
+    `step` if given), fetched to host memory."""
     ckpt = Checkpointer(os.path.join(str(workdir), "checkpoints"))
     if step is not None:
         assert ckpt.latest_step() == step
-    state, _ = ckpt.restore(Experiment(config).restore_target())
+    state, _ = ckpt.restore(exp.restore_target())
     ckpt.close()
     return jax.device_get(state)
 
@@ -69,7 +69,8 @@ def test_resumed_run_continues_from_the_saved_step_exactly(shapes_data_config, t
     assert second["step"] == 12
     steps_logged = [r["step"] for r in read_metrics(str(resumed)) if "train/loss" in r]
     assert steps_logged == sorted(set(steps_logged)), "resume repeated or skipped logged steps"
-    params = [restore_state(config, wd, step=12).params for wd in (straight, resumed)]
+    exp = Experiment(config)
+    params = [restore_state(exp, wd, step=12).params for wd in (straight, resumed)]
     for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1])):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
