@@ -1,15 +1,38 @@
 """Shared pytest set-up.
 
-Eight simulated CPU devices are requested here, before anything imports jax, so the
-multi-device tests (shard_map losses, sharded train steps) run on any machine.
+Eight simulated CPU devices are requested through `jax.config.update('jax_num_cpu_devices', 8)`
+before any test initialises a backend: unlike `XLA_FLAGS`, it cannot be silently overridden by
+a pre-set environment variable, and `_eight_devices` fails the session loudly if it did not
+take effect (a 1-vs-8 device test would otherwise pass vacuously).
+
+A persistent XLA compilation cache (`$VLP_JAX_TEST_CACHE`, default
+`~/.cache/vlp_jax/xla_test_cache`) lets reruns skip compiling what they compiled before; the
+budget of README command 2 is measured with it cold.
 """
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+NUM_TEST_DEVICES = 8
+
+jax.config.update("jax_num_cpu_devices", NUM_TEST_DEVICES)
+jax.config.update("jax_compilation_cache_dir", os.environ.get(
+    "VLP_JAX_TEST_CACHE", os.path.expanduser("~/.cache/vlp_jax/xla_test_cache")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _eight_devices():
+    count = jax.device_count()
+    if count != NUM_TEST_DEVICES:
+        pytest.exit(f"the tests need {NUM_TEST_DEVICES} simulated CPU devices, jax has {count} "
+                    f"({jax.devices()[0].platform}); something initialised jax before conftest",
+                    returncode=3)
 
 
 @pytest.fixture(scope="session")
@@ -19,12 +42,15 @@ def shapes_data_dir(tmp_path_factory):
     session's base temp dir; the builder's file lock lets one build while the others wait."""
     from vlp_jax.data.pipeline import tiny_data_config
     from vlp_jax.data.shapes_builder import ensure_built
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent
-    data_dir = str(root / "vlp_jax_shapes_data")
+    data_dir = str(_shared_root(tmp_path_factory) / "vlp_jax_shapes_data")
     ensure_built(tiny_data_config(data_dir=data_dir))
     return data_dir
+
+
+def _shared_root(tmp_path_factory):
+    """The temp dir every xdist worker of this session sees (their common parent)."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
 
 
 @pytest.fixture

@@ -73,3 +73,11 @@ def test_optimizer_moments_follow_their_parameters():
                and "kernel" in jax.tree_util.keystr(p)]
     assert len(moments) >= 2      # Adam's mu and nu
     assert all(s.spec[0] == "fsdp" for _, s in moments), moments
+
+
+def test_mesh_over_a_subset_of_the_devices():
+    mesh = make_mesh(ml_collections.ConfigDict(dict(axes={"data": -1}, num_devices=1)))
+    assert mesh.devices.size == 1 and mesh.devices.flat[0] == jax.devices()[0]
+    assert make_mesh(ml_collections.ConfigDict(dict(num_devices=4))).shape["data"] == 4
+    with pytest.raises(ValueError, match="num_devices=9"):
+        make_mesh(ml_collections.ConfigDict(dict(num_devices=9)))

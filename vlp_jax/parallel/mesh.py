@@ -44,8 +44,19 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict | None = None,
     """A mesh with axes ('data', 'fsdp', 'model') in Auto (global-view) mode.
 
     `mesh_cfg.axes` maps axis names to sizes; the default puts every device on `data`.
+    `mesh_cfg.num_devices` (None = all) builds the mesh over the first N devices only: tests
+    use 1 to compile single-device properties once instead of 8-way on a 2-core machine.
     """
     devices = list(jax.devices() if devices is None else devices)
+    num = mesh_cfg.get("num_devices", None) if mesh_cfg is not None else None
+    if num is not None:
+        if jax.process_count() > 1:
+            raise ValueError("config.mesh.num_devices is for single-process runs; with "
+                             f"{jax.process_count()} processes every device must be in the mesh")
+        if not 1 <= num <= len(devices):
+            raise ValueError(f"config.mesh.num_devices={num} must be between 1 and the "
+                             f"{len(devices)} available devices")
+        devices = devices[:num]
     axes = dict(mesh_cfg.axes) if mesh_cfg is not None and "axes" in mesh_cfg else {"data": -1}
     shape = mesh_shape(axes, len(devices))
     return jax.make_mesh(tuple(shape.values()), tuple(shape), devices=devices,
