@@ -14,7 +14,7 @@ from vlp_jax.parallel.mesh import make_mesh
 from vlp_jax.parallel.sharding import logical_rules, param_shardings
 from vlp_jax.train.metrics_log import read_metrics
 from vlp_jax.train.trainer import train_and_evaluate
-from tests.test_slip import tiny_experiment_config
+from tests.helpers import tiny_experiment_config
 
 VOCAB = dict(vocab_size=50, pad_id=0, bos_id=1, eos_id=2, mask_id=3)
 

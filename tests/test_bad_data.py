@@ -242,7 +242,7 @@ def test_a_source_without_any_usable_record_raises_instead_of_hanging(shapes_dat
 
 def test_training_on_bad_records_finishes_and_reports_counts(shapes_data_config, tmp_path,
                                                              monkeypatch):
-    from tests.test_trainer import tiny_clip_config
+    from tests.helpers import tiny_clip_config
     from vlp_jax.train import data_bridge
     from vlp_jax.train.metrics_log import read_metrics
     from vlp_jax.train.trainer import train_and_evaluate

@@ -19,8 +19,7 @@ from vlp_jax.methods.registry import build_method
 from vlp_jax.parallel.mesh import make_mesh, to_global_batch
 from vlp_jax.train.warm_start import (WarmStartError, load_param_subtrees, splice,
                                       trainable_mask)
-from tests.test_models import VOCAB, tiny_dual_config
-from tests.test_train_step import _batch
+from tests.helpers import VOCAB, paired_batch as _batch, tiny_dual_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

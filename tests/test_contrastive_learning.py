@@ -16,30 +16,10 @@ from vlp_jax.config_args import load_config
 from vlp_jax.train.checkpoint import Checkpointer
 from vlp_jax.train.metrics_log import read_metrics
 from vlp_jax.train.trainer import Experiment, train_and_evaluate
+from tests.helpers import tiny_experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
-
-
-def tiny_experiment(data_config, spec: str, steps: int):
-    """`experiments/<spec>` (a file and its argument) with width-32 towers, batch 64, on the
-    tiny dataset; the method section and the tower types are the experiment's."""
-    config = load_config(os.path.join(ROOT, "experiments", spec))
-    config.data = data_config
-    res, length = data_config.image_size, data_config.text_length
-    config.model.embed_dim = 32
-    image = config.model.image
-    if image.type == "resnet":
-        image.update(image_size=res, width=16, stage_sizes=[1, 1, 1], stem_stride=1)
-    else:
-        image.update(image_size=res, patch_size=res // 4, width=32, depth=1, num_heads=2,
-                     mlp_dim=64)
-    config.model.text.update(width=32, depth=1, num_heads=2, mlp_dim=64, context_length=length)
-    config.optim.update(lr=3e-3, warmup_steps=10)
-    config.train.update(batch_size=64, num_steps=steps, log_every=25, checkpoint_every=steps)
-    for ev in config.evals.values():
-        ev.split, ev.max_examples = "validation", 128
-    return config
 
 
 def _train(config, workdir):

@@ -13,7 +13,7 @@ from vlp_jax.parallel.mesh import make_mesh, to_global_batch
 from vlp_jax.parallel.sharding import DEFAULT_RULES
 from vlp_jax.train.optim import make_optimizer
 from vlp_jax.train.step import init_state, make_train_step, state_shardings
-from tests.test_fusion_models import albef_cfg, single_cfg
+from tests.helpers import albef_cfg, single_cfg
 
 VOCAB = dict(vocab_size=40, pad_id=0, bos_id=1, eos_id=2, mask_id=3)
 
@@ -317,7 +317,7 @@ def _check_ema_and_queues(config, workdir):
     from vlp_jax.losses.distill import queue_valid_mask
     from vlp_jax.methods.albef import teacher_subtrees
     from vlp_jax.train.trainer import Experiment
-    from tests.test_trainer import restore_state
+    from tests.helpers import restore_state
     exp = Experiment(config)
     state = restore_state(exp, workdir)
     initial = teacher_subtrees(jax.device_get(exp.new_state().params))

@@ -11,28 +11,11 @@ from vlp_jax.models.coattention import CoAttentionBlock
 from vlp_jax.models.registry import build_model
 from vlp_jax.models.single_stream import patch_mask_to_pixels
 from vlp_jax.nn.patch_embed import patchify
+from tests.helpers import albef_cfg, single_cfg
 
 VOCAB = dict(vocab_size=40, pad_id=0, bos_id=1, eos_id=2, mask_id=3)
 TOKENS = jnp.array([[1, 7, 8, 9, 2, 0, 0, 0],
                     [1, 5, 2, 0, 0, 0, 0, 0]], jnp.int32)
-
-
-def single_cfg(**kw):
-    cfg = dict(name="single_stream", width=32, depth=2, num_heads=2, mlp_dim=64,
-               image=dict(image_size=16, patch_size=4), text=dict(context_length=8),
-               num_mrc_classes=5)
-    cfg.update(kw)
-    return ml_collections.ConfigDict(cfg)
-
-
-def albef_cfg(fusion="cross_attention", **kw):
-    cfg = dict(name="albef", embed_dim=24, fusion=fusion,
-               image=dict(type="vit", patch_size=4, width=32, depth=1, num_heads=2, mlp_dim=64,
-                          image_size=16, pool="cls"),
-               text=dict(width=32, depth=1, fusion_depth=2, num_heads=2, mlp_dim=64,
-                         context_length=8))
-    cfg.update(kw)
-    return ml_collections.ConfigDict(cfg)
 
 
 def _images(seed=1, n=2):

@@ -7,8 +7,7 @@ import pytest
 from vlp_jax.methods.grad_cache import merge_microbatches, split_microbatches
 from vlp_jax.methods.registry import build_method
 from vlp_jax.parallel.mesh import make_mesh, to_global_batch
-from tests.test_models import VOCAB, tiny_dual_config
-from tests.test_train_step import _batch
+from tests.helpers import VOCAB, paired_batch as _batch, tiny_dual_config
 
 
 def test_split_and_merge_are_inverse():

@@ -10,23 +10,7 @@ from vlp_jax.models.registry import build_model
 from vlp_jax.models.text import TextTransformer
 from vlp_jax.models.vit import ViT, random_keep_ids
 from vlp_jax.nn.patch_embed import patchify
-
-VOCAB = {"vocab_size": 50, "pad_id": 0}
-
-
-def tiny_dual_config(pool="cls", text_pool="eot", causal=True):
-    return ml_collections.ConfigDict(dict(
-        name="dual_encoder", embed_dim=24,
-        image=dict(type="vit", patch_size=4, width=32, depth=1, num_heads=2, image_size=16,
-                   pool=pool),
-        text=dict(width=32, depth=1, num_heads=2, context_length=10, causal=causal,
-                  pool=text_pool)))
-
-
-def _tokens():
-    return jnp.array([[2, 7, 8, 9, 3, 0, 0, 0, 0, 0],
-                      [2, 5, 3, 0, 0, 0, 0, 0, 0, 0]], jnp.int32)
-
+from tests.helpers import VOCAB, tiny_dual_config, toy_tokens as _tokens
 
 @pytest.mark.parametrize("pool", ["cls", "map", "gap"])
 def test_vit_shapes(pool):

@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec as P
 from vlp_jax.models.registry import build_model
 from vlp_jax.parallel.mesh import make_mesh, mesh_shape, to_global_batch
 from vlp_jax.parallel.sharding import param_shardings
-from tests.test_models import VOCAB, tiny_dual_config, _tokens
+from tests.helpers import VOCAB, tiny_dual_config, toy_tokens as _tokens
 
 
 def test_mesh_defaults_to_all_devices_on_data():

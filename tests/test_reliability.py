@@ -17,7 +17,7 @@ from vlp_jax.train.checkpoint import Checkpointer
 from vlp_jax.train.metrics_log import read_metrics
 from vlp_jax.train.preemption import EXIT_PREEMPTED
 from vlp_jax.train.trainer import Experiment, NonFiniteError, train_and_evaluate
-from tests.test_trainer import restore_state, tiny_clip_config
+from tests.helpers import restore_state, tiny_clip_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 30
@@ -25,7 +25,7 @@ STEPS = 30
 EXPERIMENT = '''
 import sys
 sys.path.insert(0, {root!r})
-from tests.test_trainer import tiny_clip_config
+from tests.helpers import tiny_clip_config
 from vlp_jax.data.pipeline import tiny_data_config
 
 

@@ -16,24 +16,10 @@ from vlp_jax.methods.ssl_common import image_features
 from vlp_jax.parallel.mesh import make_mesh
 from vlp_jax.train.metrics_log import read_metrics
 from vlp_jax.train.trainer import train_and_evaluate
-from tests.test_trainer import tiny_clip_config
+from tests.helpers import tiny_experiment_config
 
 VOCAB = dict(vocab_size=50, pad_id=0, bos_id=1, eos_id=2, mask_id=3)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_experiment_config(data_config, spec: str, steps: int, **method):
-    """`experiments/<spec>`'s method section and data flags on the tiny CLIP of
-    `tests.test_trainer.tiny_clip_config` (width 32, one layer, 24 px, batch 64), with
-    `method` overrides (smaller heads)."""
-    experiment = load_config(os.path.join(ROOT, "experiments", spec))
-    config = tiny_clip_config(data_config, steps=steps)
-    config.train.batch_size = 64
-    config.method = experiment.method
-    config.method.update(method)
-    for flag in ("two_views", "all_captions"):
-        config.data[flag] = experiment.data.get(flag, False)
-    return config
 
 
 def _config(name="slip", **method):

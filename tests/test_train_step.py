@@ -11,7 +11,7 @@ from vlp_jax.parallel.mesh import make_mesh, to_global_batch
 from vlp_jax.parallel.sharding import DEFAULT_RULES
 from vlp_jax.train.optim import make_optimizer
 from vlp_jax.train.step import init_state, make_train_step, state_shardings
-from tests.test_models import VOCAB, tiny_dual_config
+from tests.helpers import VOCAB, paired_batch as _batch, tiny_dual_config
 
 
 def _config(loss="softmax"):
@@ -23,17 +23,6 @@ def _config(loss="softmax"):
     cfg.method = ml_collections.ConfigDict(dict(name="contrastive", loss=loss, mask_ratio=0.0))
     cfg.optim = ml_collections.ConfigDict(dict(lr=3e-3, warmup_steps=5, weight_decay=0.0))
     return cfg
-
-
-def _batch(n=16, seed=0):
-    """Images whose mean colour is tied to the first text token: a learnable pairing."""
-    rng = np.random.default_rng(seed)
-    ids = rng.permutation(np.arange(5, 5 + n))
-    image = np.broadcast_to(((ids - 5) / n * 2 - 1)[:, None, None, None], (n, 16, 16, 3))
-    text = np.zeros((n, 10), np.int32)
-    text[:, 0], text[:, 1], text[:, 2] = 2, ids, 3
-    return dict(image=image.astype(np.float32) + 0.01 * rng.normal(size=(n, 16, 16, 3)),
-                text=text)
 
 
 def _setup(mesh, loss="softmax", trainable=None, steps=100, policy="skip"):

@@ -10,38 +10,9 @@ from vlp_jax.config_args import load_config
 from vlp_jax.train.checkpoint import Checkpointer
 from vlp_jax.train.metrics_log import read_metrics
 from vlp_jax.train.trainer import Experiment, train_and_evaluate
+from tests.helpers import restore_state, tiny_clip_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_clip_config(data_config, steps=40, **train):
-    """experiments/clip_shapes.py shrunk to a width-32 model on the shared tiny dataset."""
-    config = load_config(os.path.join(ROOT, "experiments", "clip_shapes.py") + ":smoke")
-    config.data = data_config
-    res = data_config.image_size
-    config.model.embed_dim = 32
-    config.model.image.update(image_size=res, patch_size=res // 4, width=32, depth=1,
-                              num_heads=2, mlp_dim=64)
-    config.model.text.update(width=32, depth=1, num_heads=2, mlp_dim=64,
-                             context_length=data_config.text_length)
-    config.optim.lr = 3e-3
-    config.optim.warmup_steps = 10
-    config.train.update(dict(dict(batch_size=32, num_steps=steps, log_every=10,
-                                  checkpoint_every=steps), **train))
-    for ev in config.evals.values():
-        ev.split, ev.max_examples = "validation", 128
-    return config
-
-
-def restore_state(exp, workdir, step=None):
-    """The TrainState of `workdir`'s latest checkpoint of Experiment `exp` (asserted to be at
-    `step` if given), fetched to host memory."""
-    ckpt = Checkpointer(os.path.join(str(workdir), "checkpoints"))
-    if step is not None:
-        assert ckpt.latest_step() == step
-    state, _ = ckpt.restore(exp.restore_target())
-    ckpt.close()
-    return jax.device_get(state)
 
 
 def test_short_run_lowers_loss_and_writes_outputs(shapes_data_config, tmp_path):

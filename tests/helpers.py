@@ -1,0 +1,152 @@
+"""Shared test helpers: shrunk experiment configs, tiny model configs and batches, checkpoint
+readers. Tests import these from here, never from each other's modules.
+
+Sizes follow the suite's budget: width 32, one layer, 16-24 px; `single_device(config)` puts an
+experiment on a one-device mesh (`mesh.num_devices=1`) for properties that are not about
+sharding, so it compiles once instead of 8-way on a 2-core machine.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vlp_jax.config_args import load_config
+from vlp_jax.train.checkpoint import Checkpointer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENTS = os.path.join(ROOT, "experiments")
+
+# A toy vocabulary for model-level tests (no tokenizer).
+VOCAB = {"vocab_size": 50, "pad_id": 0}
+
+
+def experiment_path(spec: str) -> str:
+    """`experiments/<spec>` (a file name, optionally with `:arguments`)."""
+    return os.path.join(EXPERIMENTS, spec)
+
+
+def single_device(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The experiment on a mesh over the first device only."""
+    if "mesh" not in config or config.mesh is None:
+        config.mesh = ml_collections.ConfigDict()
+    config.mesh.num_devices = 1
+    return config
+
+
+def tiny_dual_config(pool="cls", text_pool="eot", causal=True):
+    """A width-32, one-layer dual encoder on 16 px images and 10 text tokens (VOCAB)."""
+    return ml_collections.ConfigDict(dict(
+        name="dual_encoder", embed_dim=24,
+        image=dict(type="vit", patch_size=4, width=32, depth=1, num_heads=2, image_size=16,
+                   pool=pool),
+        text=dict(width=32, depth=1, num_heads=2, context_length=10, causal=causal,
+                  pool=text_pool)))
+
+
+def toy_tokens():
+    """int32 [2, 10] token rows laid out bos ... eos pad ... (ids of VOCAB)."""
+    return jnp.array([[2, 7, 8, 9, 3, 0, 0, 0, 0, 0],
+                      [2, 5, 3, 0, 0, 0, 0, 0, 0, 0]], jnp.int32)
+
+
+def paired_batch(n=16, seed=0):
+    """Images [n, 16, 16, 3] whose mean colour is tied to the first text token (tokens [n, 10]):
+    a learnable pairing for the tiny dual encoder."""
+    rng = np.random.default_rng(seed)
+    ids = rng.permutation(np.arange(5, 5 + n))
+    image = np.broadcast_to(((ids - 5) / n * 2 - 1)[:, None, None, None], (n, 16, 16, 3))
+    text = np.zeros((n, 10), np.int32)
+    text[:, 0], text[:, 1], text[:, 2] = 2, ids, 3
+    return dict(image=image.astype(np.float32) + 0.01 * rng.normal(size=(n, 16, 16, 3)),
+                text=text)
+
+
+def shrink_towers(config: ml_collections.ConfigDict, data_config) -> ml_collections.ConfigDict:
+    """Width-32 one-layer towers (a width-16 ResNet for ResNet towers) sized to `data_config`."""
+    res, length = data_config.image_size, data_config.text_length
+    config.model.embed_dim = 32
+    image = config.model.image
+    if image.get("type", "vit") == "resnet":
+        image.update(image_size=res, width=16, stage_sizes=[1, 1, 1], stem_stride=1)
+    else:
+        image.update(image_size=res, patch_size=res // 4, width=32, depth=1, num_heads=2,
+                     mlp_dim=64)
+    config.model.text.update(width=32, depth=1, num_heads=2, mlp_dim=64, context_length=length)
+    return config
+
+
+def _evaluate_on_validation(config, max_examples=128):
+    for ev in config.evals.values():
+        ev.split, ev.max_examples = "validation", max_examples
+    return config
+
+
+def tiny_clip_config(data_config, steps=40, **train):
+    """experiments/clip_shapes.py shrunk to a width-32 model on the shared tiny dataset."""
+    config = load_config(experiment_path("clip_shapes.py:smoke"))
+    config.data = data_config
+    shrink_towers(config, data_config)
+    config.optim.lr = 3e-3
+    config.optim.warmup_steps = 10
+    config.train.update(dict(dict(batch_size=32, num_steps=steps, log_every=10,
+                                  checkpoint_every=steps), **train))
+    return _evaluate_on_validation(config)
+
+
+def tiny_experiment(data_config, spec: str, steps: int):
+    """`experiments/<spec>` (a file and its argument) with width-32 towers, batch 64, on the
+    tiny dataset; the method section and the tower types are the experiment's."""
+    config = load_config(experiment_path(spec))
+    config.data = data_config
+    shrink_towers(config, data_config)
+    config.optim.update(lr=3e-3, warmup_steps=10)
+    config.train.update(batch_size=64, num_steps=steps, log_every=25, checkpoint_every=steps)
+    return _evaluate_on_validation(config)
+
+
+def tiny_experiment_config(data_config, spec: str, steps: int, **method):
+    """`experiments/<spec>`'s method section and data flags on the tiny CLIP of
+    `tiny_clip_config` (width 32, one layer, 24 px, batch 64), with `method` overrides."""
+    experiment = load_config(experiment_path(spec))
+    config = tiny_clip_config(data_config, steps=steps)
+    config.train.batch_size = 64
+    config.method = experiment.method
+    config.method.update(method)
+    for flag in ("two_views", "all_captions"):
+        config.data[flag] = experiment.data.get(flag, False)
+    return config
+
+
+def single_cfg(**kw):
+    """A width-32, two-layer ViLT/UNITER single-stream model config (16 px, 8 tokens)."""
+    cfg = dict(name="single_stream", width=32, depth=2, num_heads=2, mlp_dim=64,
+               image=dict(image_size=16, patch_size=4), text=dict(context_length=8),
+               num_mrc_classes=5)
+    cfg.update(kw)
+    return ml_collections.ConfigDict(cfg)
+
+
+def albef_cfg(fusion="cross_attention", **kw):
+    """A width-32 ALBEF config (one-layer towers, two fusion layers; 16 px, 8 tokens)."""
+    cfg = dict(name="albef", embed_dim=24, fusion=fusion,
+               image=dict(type="vit", patch_size=4, width=32, depth=1, num_heads=2, mlp_dim=64,
+                          image_size=16, pool="cls"),
+               text=dict(width=32, depth=1, fusion_depth=2, num_heads=2, mlp_dim=64,
+                         context_length=8))
+    cfg.update(kw)
+    return ml_collections.ConfigDict(cfg)
+
+
+def restore_state(exp, workdir, step=None):
+    """The TrainState of `workdir`'s latest checkpoint of Experiment `exp` (asserted to be at
+    `step` if given), fetched to host memory."""
+    ckpt = Checkpointer(os.path.join(str(workdir), "checkpoints"))
+    if step is not None:
+        assert ckpt.latest_step() == step
+    state, _ = ckpt.restore(exp.restore_target())
+    ckpt.close()
+    return jax.device_get(state)
