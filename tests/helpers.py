@@ -1,9 +1,10 @@
 """Shared test helpers: shrunk experiment configs, tiny model configs and batches, checkpoint
 readers. Tests import these from here, never from each other's modules.
 
-Sizes follow the suite's budget: width 32, one layer, 16-24 px; `single_device(config)` puts an
+Sizes follow the suite's budget: width 32, one layer, 16-24 px; `on_devices(config, 1)` puts an
 experiment on a one-device mesh (`mesh.num_devices=1`) for properties that are not about
 sharding, so it compiles once instead of 8-way on a 2-core machine.
+The shrunk experiment configs default to that; pass `num_devices=None` for all 8 devices.
 """
 from __future__ import annotations
 
@@ -29,11 +30,12 @@ def experiment_path(spec: str) -> str:
     return os.path.join(EXPERIMENTS, spec)
 
 
-def single_device(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The experiment on a mesh over the first device only."""
+def on_devices(config: ml_collections.ConfigDict, num_devices: int | None = 1
+               ) -> ml_collections.ConfigDict:
+    """The experiment on a mesh over the first `num_devices` devices (None: all of them)."""
     if "mesh" not in config or config.mesh is None:
         config.mesh = ml_collections.ConfigDict()
-    config.mesh.num_devices = 1
+    config.mesh.num_devices = num_devices
     return config
 
 
@@ -85,9 +87,10 @@ def _evaluate_on_validation(config, max_examples=128):
     return config
 
 
-def tiny_clip_config(data_config, steps=40, **train):
-    """experiments/clip_shapes.py shrunk to a width-32 model on the shared tiny dataset."""
-    config = load_config(experiment_path("clip_shapes.py:smoke"))
+def tiny_clip_config(data_config, steps=40, num_devices: int | None = 1, **train):
+    """experiments/clip_shapes.py shrunk to a width-32 model on the shared tiny dataset, on
+    `num_devices` devices (None: all)."""
+    config = on_devices(load_config(experiment_path("clip_shapes.py:smoke")), num_devices)
     config.data = data_config
     shrink_towers(config, data_config)
     config.optim.lr = 3e-3
@@ -97,10 +100,11 @@ def tiny_clip_config(data_config, steps=40, **train):
     return _evaluate_on_validation(config)
 
 
-def tiny_experiment(data_config, spec: str, steps: int):
+def tiny_experiment(data_config, spec: str, steps: int, num_devices: int | None = 1):
     """`experiments/<spec>` (a file and its argument) with width-32 towers, batch 64, on the
-    tiny dataset; the method section and the tower types are the experiment's."""
-    config = load_config(experiment_path(spec))
+    tiny dataset, on `num_devices` devices (None: all); the method section and the tower
+    types are the experiment's."""
+    config = on_devices(load_config(experiment_path(spec)), num_devices)
     config.data = data_config
     shrink_towers(config, data_config)
     config.optim.update(lr=3e-3, warmup_steps=10)

@@ -31,7 +31,7 @@ from vlp_jax.data.pipeline import tiny_data_config
 
 def get_config():
     config = tiny_clip_config(tiny_data_config(data_dir={data_dir!r}), steps={steps},
-                              log_every=2, checkpoint_every=1000)
+                              log_every=2, checkpoint_every=1000, num_devices=None)
     config.evals = {{}}
     return config
 '''
@@ -41,7 +41,7 @@ def _config(data_dir):
     """The experiment file's config, built in this process (for restoring checkpoints)."""
     from vlp_jax.data.pipeline import tiny_data_config
     config = tiny_clip_config(tiny_data_config(data_dir=data_dir), steps=STEPS, log_every=2,
-                              checkpoint_every=1000)
+                              checkpoint_every=1000, num_devices=None)
     config.evals = {}
     return config
 
