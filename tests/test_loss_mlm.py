@@ -5,6 +5,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from vlp_jax.losses import mlm
 from vlp_jax.losses.mlm import mask_tokens, random_ordinary_ids
@@ -155,3 +156,52 @@ def test_soft_mlm_loss_matches_reference_and_hard_targets():
     one_hot = jnp.asarray(np.eye(9)[np.asarray(targets)], jnp.float32)
     np.testing.assert_allclose(soft_mlm_loss(logits, one_hot, weights),
                                mlm_loss(logits, targets, weights)[0], rtol=1e-6)
+
+
+def _word_index_of_pieces(pieces):
+    """Word number of each sentencepiece piece, from the piece strings ('\u2581' opens a word)."""
+    index, out = -1, []
+    for piece in pieces:
+        index += piece.startswith("\u2581") or index < 0
+        out.append(index)
+    return out
+
+
+def test_whole_word_masking_on_real_tokenizer_output(shapes_data_config):
+    """wwm through the data layer's vocab (DataBridge.vocab()['word_start']): every piece of a
+    chosen word is chosen, on captions with words the tokenizer splits into many pieces."""
+    from vlp_jax.methods.vilt import mask_for_mlm
+    from vlp_jax.train.data_bridge import DataBridge
+    bridge = DataBridge(shapes_data_config)
+    vocab, tok = bridge.vocab(), bridge.tokenizer
+    rng = np.random.default_rng(0)
+    odd = ["quadrilateral", "trapezium", "heptagons", "rhomboid", "circles.", "left."]
+    texts = [" ".join(rng.choice(odd + ["a", "red", "small", "square"], 6)) for _ in range(256)]
+    tokens = np.asarray(bridge.tokenize(texts))
+    length = tokens.shape[1]
+    masked = jax.jit(lambda k, t, wwm: mask_for_mlm(k, t, vocab, 0.15, wwm)[2],
+                     static_argnums=2)
+    whole = np.asarray(masked(jax.random.key(1), jnp.asarray(tokens), True)) > 0
+    single = np.asarray(masked(jax.random.key(1), jnp.asarray(tokens), False)) > 0
+    chosen_multi = split_single = 0
+    for i, text in enumerate(texts):
+        words = _word_index_of_pieces(tok.pieces(text))[:length - 2]   # row: bos pieces.. eos
+        groups = {}
+        for j, word in enumerate(words):
+            groups.setdefault(word, []).append(j + 1)
+        for cols in groups.values():
+            assert len(set(whole[i, cols])) == 1, (text, cols, whole[i])   # all or none
+            if len(cols) > 1:
+                chosen_multi += bool(whole[i, cols[0]])
+                split_single += len(set(single[i, cols])) > 1
+    assert chosen_multi > 50          # many multi-piece words were chosen whole
+    assert split_single > 50          # per-token masking splits them: the check can fail
+
+
+def test_whole_word_masking_without_a_table_raises():
+    from vlp_jax.methods.vilt import mask_for_mlm
+    vocab = dict(vocab_size=V, pad_id=PAD, bos_id=BOS, eos_id=EOS, mask_id=MASK)
+    tokens = _captions(4, 8)
+    with pytest.raises(ValueError, match="word_start"):
+        mask_for_mlm(jax.random.key(0), tokens, vocab, 0.15, True)
+    mask_for_mlm(jax.random.key(0), tokens, vocab, 0.15, False)     # per token: fine

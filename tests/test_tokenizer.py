@@ -106,3 +106,21 @@ def test_training_is_deterministic_and_loads_from_path_and_pickle(model, tok, co
     for other in (Tokenizer(str(path)), Tokenizer.from_path(path), pickle.loads(pickle.dumps(tok))):
         np.testing.assert_array_equal(other.encode(texts, 28), tok.encode(texts, 28))
         assert other.mask_id == tok.mask_id and other.vocab_size == tok.vocab_size
+
+
+def test_word_start_table_marks_word_initial_pieces(tok):
+    table = tok.word_start
+    assert table.shape == (tok.vocab_size,) and table.dtype == bool
+    pieces = [tok._sp.id_to_piece(i) for i in range(tok.vocab_size)]
+    for i, piece in enumerate(pieces):
+        special = i in (PAD_ID, BOS_ID, EOS_ID, tok.mask_id)
+        assert table[i] == (special or piece.startswith("\u2581")), (i, piece)
+    assert not table[UNK_ID]          # an unseen character continues its word
+    assert (~table).sum() > 50        # many continuation pieces on this corpus (172 of 256)
+    # Each word of a text opens with exactly one word-start piece.
+    text = "a quadrilateral trapezium left of circles."   # 'z' is unseen: unk
+    ids = tok.encode([text], 40)[0]
+    body = ids[1:tok.token_count(text) - 1]
+    assert table[body].sum() == len(text.split()) and table[body[0]]
+    tok.word_start[:] = False         # the property hands out a copy
+    assert tok.word_start.sum() == table.sum()

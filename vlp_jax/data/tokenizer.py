@@ -3,6 +3,12 @@
 Ids: pad = 0, bos = 1, eos = 2, unk = 3, `[MASK]` = 4 (for masked language modelling), then
 the learned pieces. Text is case-folded (NFKC + lower case) before tokenization, so decoding
 returns lower-case text. Encoded rows are laid out `bos tok ... tok eos pad ... pad`.
+
+`Tokenizer.word_start` is the per-id table whole-word masking needs (bool [vocab_size]): a
+piece starts a word when it carries sentencepiece's word-boundary prefix '\u2581'; pad, bos,
+eos and [MASK] count as word starts (they never glue onto the preceding word), unk as a
+continuation (an unseen character inside a word). Punctuation is whatever sentencepiece made
+of it: '.' is learned as a continuation piece, so "left." is one word ('\u2581left' + '.').
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import sentencepiece as spm
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 MASK_TOKEN = "[MASK]"
+WORD_BOUNDARY = "\u2581"     # sentencepiece's whitespace marker, prefixed to word-initial pieces
 
 
 def train_tokenizer(sentences: Iterable[str], vocab_size: int = 256) -> bytes:
@@ -39,6 +46,18 @@ def train_tokenizer(sentences: Iterable[str], vocab_size: int = 256) -> bytes:
     return buf.getvalue()
 
 
+def word_start_table(sp: spm.SentencePieceProcessor) -> np.ndarray:
+    """bool [V]: piece i starts a word iff it begins with '\u2581' or is a control piece
+    (pad, bos, eos) or [MASK], which stand alone. unk is a continuation: sentencepiece emits
+    it for a character it never saw, inside a word whose start ('\u2581...' or a lone '\u2581')
+    precedes it."""
+    table = np.zeros(sp.get_piece_size(), bool)
+    for i in range(sp.get_piece_size()):
+        special = sp.is_control(i) or sp.id_to_piece(i) == MASK_TOKEN
+        table[i] = special or sp.id_to_piece(i).startswith(WORD_BOUNDARY)
+    return table
+
+
 class Tokenizer:
     """Wraps a sentencepiece model (bytes or a path); picklable (it ships the model bytes)."""
 
@@ -57,6 +76,7 @@ class Tokenizer:
         self._mask_id = self._sp.piece_to_id(MASK_TOKEN)
         if self._mask_id == self._sp.unk_id():
             raise ValueError(f"sentencepiece model has no {MASK_TOKEN} piece")
+        self._word_start = word_start_table(self._sp)
 
     @classmethod
     def from_path(cls, path: str | os.PathLike) -> "Tokenizer":
@@ -78,6 +98,11 @@ class Tokenizer:
     unk_id = property(lambda self: UNK_ID)
     mask_id = property(lambda self: self._mask_id)
     vocab_size = property(lambda self: self._sp.get_piece_size())
+
+    @property
+    def word_start(self) -> np.ndarray:
+        """bool [vocab_size]: True where piece id i begins a word (a copy; see module doc)."""
+        return self._word_start.copy()
 
     def pieces(self, text: str) -> list[str]:
         """The sentencepiece pieces of one text (no bos/eos)."""

@@ -79,6 +79,9 @@ def mask_for_mlm(rng, tokens, vocab: dict, prob: float, whole_word: bool):
     if missing:
         raise ValueError(f"MLM needs the tokenizer ids {missing} in the method's vocab")
     word_start = vocab.get("word_start") if whole_word else None
+    if whole_word and word_start is None:
+        raise ValueError("method.whole_word_masking=True needs the tokenizer's word_start table "
+                         "(vocab['word_start'], bool [vocab_size]) in the method's vocab")
     if word_start is not None:
         word_start = jnp.asarray(word_start, bool)
     return mask_tokens(rng, tokens, mask_id=int(vocab["mask_id"]),

@@ -30,7 +30,7 @@ class DataBridge:
     def vocab(self) -> dict:
         t = self.tokenizer
         return dict(vocab_size=t.vocab_size, pad_id=t.pad_id, bos_id=t.bos_id, eos_id=t.eos_id,
-                    mask_id=t.mask_id)
+                    mask_id=t.mask_id, word_start=t.word_start)
 
     def tokenize(self, texts) -> np.ndarray:
         """list[str] -> int32 [N, data.text_length]."""
