@@ -59,3 +59,27 @@ def shapes_data_config(shapes_data_dir):
     modify it (e.g. `two_views`, `all_captions`) without affecting each other."""
     from vlp_jax.data.pipeline import tiny_data_config
     return tiny_data_config(data_dir=shapes_data_dir)
+
+
+@pytest.fixture(scope="session")
+def trained_clip(shapes_data_dir, tmp_path_factory):
+    """A tiny CLIP (`experiments/clip_shapes.py:smoke` with width-32 towers, 300 steps at batch
+    64, one device) trained once per test session: dict(config, workdir, eval). Tests that
+    need a trained checkpoint (learning, LiT's warm start, evaluation) share it; under xdist
+    the first worker trains while the others wait on a file lock, then read its results."""
+    import json
+
+    from filelock import FileLock
+
+    from tests.helpers import tiny_experiment
+    from vlp_jax.data.pipeline import tiny_data_config
+    config = tiny_experiment(tiny_data_config(data_dir=shapes_data_dir), "clip_shapes.py:smoke",
+                             steps=300)
+    workdir = _shared_root(tmp_path_factory) / "trained_clip"
+    done = workdir / "result.json"
+    with FileLock(str(workdir) + ".lock"):
+        if not done.exists():
+            from vlp_jax.train.trainer import train_and_evaluate
+            result = train_and_evaluate(config, str(workdir), progress=False)
+            done.write_text(json.dumps({"eval": result["eval"]}))
+    return dict(config=config, workdir=str(workdir), eval=json.loads(done.read_text())["eval"])

@@ -63,15 +63,14 @@ def _restore_params(config, workdir):
     return jax.device_get(state.params)
 
 
-def test_lit_locks_a_pretrained_image_tower_and_learns(shapes_data_config, tmp_path):
-    clip = tiny_experiment(shapes_data_config, "clip_shapes.py:smoke", steps=300)
-    _train(clip, tmp_path / "clip")
-    lit = tiny_experiment(shapes_data_config,
-                          f"lit_shapes.py:smoke,init={tmp_path / 'clip'}", steps=150)
+def test_lit_locks_a_pretrained_image_tower_and_learns(shapes_data_config, trained_clip,
+                                                      tmp_path):
+    clip, clip_dir = trained_clip["config"], trained_clip["workdir"]
+    lit = tiny_experiment(shapes_data_config, f"lit_shapes.py:smoke,init={clip_dir}", steps=150)
     assert list(lit.method.frozen) == ["image_tower", "image_proj"]
     ev, rows = _train(lit, tmp_path / "lit")
     _assert_learns(ev, rows, "LiT")
-    before = _restore_params(clip, tmp_path / "clip")
+    before = _restore_params(clip, clip_dir)
     after = _restore_params(lit, tmp_path / "lit")
     for name in ("image_tower", "image_proj"):          # copied from CLIP, never moved
         for a, b in zip(jax.tree.leaves(before[name]), jax.tree.leaves(after[name])):
