@@ -74,16 +74,21 @@ def test_mrc_losses():
     np.testing.assert_allclose(ce, ce_ref, rtol=1e-5)
     assert 0.0 <= float(metrics["mrc_acc"]) <= 1.0
     q = np.asarray(teacher)
-    kl_ref = (q * (np.log(q) - logp)).sum(-1)[m].mean()
-    kl, _ = mrc_kl_loss(logits, teacher, mask)
+    # UNITER's reduction: the mean of kl_div(reduction='none') over masked regions AND the
+    # K = 7 classes, i.e. the per-region KL / K.
+    kl_elements = (q * (np.log(q) - logp))[m]                 # [N_masked, K]
+    kl_ref = kl_elements.mean()
+    kl, kl_metrics = mrc_kl_loss(logits, teacher, mask)
     np.testing.assert_allclose(kl, kl_ref, rtol=1e-4)
+    np.testing.assert_allclose(kl_metrics["mrc_kl_per_region"], kl_elements.sum(-1).mean(),
+                               rtol=1e-4)
     assert float(kl) > 0.0
     zero, zero_metrics = mrc_kl_loss(jnp.asarray(np.log(teacher)), teacher, mask)
     assert abs(float(zero)) < 1e-5
     assert float(zero_metrics["mrc_acc"]) == 1.0
     one_hot = jnp.asarray(np.eye(7)[np.asarray(ids)])   # 0 log 0 terms are handled
     kl_hard, _ = mrc_kl_loss(logits, one_hot, mask)
-    np.testing.assert_allclose(kl_hard, ce, rtol=1e-5)
+    np.testing.assert_allclose(kl_hard * 7, ce, rtol=1e-5)
 
 
 def _clusters(seed=8, k=5, per=40, p=12):

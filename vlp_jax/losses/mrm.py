@@ -7,10 +7,14 @@ reconstructs them from the rest and the text:
     MRC   L = sum_{masked n} CE( g(v_n), argmax c(v_n) )    (the detector's class)
     MRC-kl L = sum_{masked n} KL( c(v_n) || g(v_n) )         (the detector's distribution)
 
+(the paper's sums; the released code averages: over masked regions, and for MRC-kl also over
+the K classes, see `mrc_kl_loss`).
+
 Here the regions are patches and the frozen "detector" is a k-means codebook of raw patches
 (`kmeans_codebook`): the class of a patch is its nearest centroid and its class distribution
 softmax(-||x - c_k||^2 / temperature) (`codebook_targets`). Losses are averaged over the
-masked patches (MRFR also over the feature elements).
+masked patches (MRFR also over the feature elements, MRC-kl also over the K classes, as
+UNITER's released code does).
 """
 from __future__ import annotations
 
@@ -68,17 +72,26 @@ def mrc_loss(logits: jax.Array, teacher_ids: jax.Array, mask: jax.Array
 
 def mrc_kl_loss(logits: jax.Array, teacher_probs: jax.Array, mask: jax.Array
                 ) -> tuple[jax.Array, dict]:
-    """MRC-kl: KL(teacher || student) averaged over the masked patches.
+    """MRC-kl: KL(teacher || student) per masked patch, divided by the number of classes K.
 
+    L = (1 / K) * sum_{b,n} m_bn KL(q_bn || p_bn) / max(sum m, 1),
     KL(q || p) = sum_k q_k (log q_k - log softmax(z)_k)  (0 log 0 = 0); q is a constant.
+
+    The 1/K matches UNITER's released code (ChenRocks/UNITER model/pretrain.py
+    `F.kl_div(log_softmax(z), q, reduction='none')` [N_masked, K], then `loss.mean()` in
+    pretrain.py, i.e. the mean over regions AND classes): the loss (and its gradient) is the
+    paper's per-region KL divided by K (64 for model.num_mrc_classes = 64; 1601 for UNITER's
+    Visual Genome classes). The per-region KL itself is the metric `mrc_kl_per_region`
+    (what UNITER's validation reports).
+
     logits [B, N, K], teacher_probs [B, N, K], mask bool [B, N]. Returns (loss [],
-    dict(mrc_acc = agreement of the argmaxes over masked patches)).
+    dict(mrc_acc = agreement of the argmaxes over masked patches, mrc_kl_per_region)).
     """
     log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     q = jax.lax.stop_gradient(teacher_probs.astype(jnp.float32))
-    kl = jnp.sum(jax.scipy.special.xlogy(q, q) - q * log_p, axis=-1)
+    kl = _masked_mean(jnp.sum(jax.scipy.special.xlogy(q, q) - q * log_p, axis=-1), mask)
     hits = (jnp.argmax(log_p, -1) == jnp.argmax(q, -1)).astype(jnp.float32)
-    return _masked_mean(kl, mask), dict(mrc_acc=_masked_mean(hits, mask))
+    return kl / logits.shape[-1], dict(mrc_acc=_masked_mean(hits, mask), mrc_kl_per_region=kl)
 
 
 def _sq_distances(x: jax.Array, c: jax.Array) -> jax.Array:
