@@ -42,7 +42,7 @@ def test_ablation_variants_change_what_they_say():
     assert loss[1].model.logit_bias_init == -10.0
     temp = [variant_config(_path("ablation_temperature.py"), v)
             for v in ABLATIONS["ablation_temperature.py"]]
-    assert list(temp[0].method.frozen) == [] and list(temp[1].method.frozen) == ["logit_scale"]
+    assert list(temp[0].frozen) == [] and list(temp[1].frozen) == ["logit_scale"]
     small, big = (variant_config(_path("ablation_batch.py"), v, "smoke")
                   for v in ABLATIONS["ablation_batch.py"])
     assert (small.train.batch_size, big.train.batch_size) == (64, 256)
@@ -69,3 +69,26 @@ def test_table_and_helpers():
     cfg = variant_config(_path("ablation_loss.py"), "loss=sigmoid")
     apply_overrides(cfg, {"train.num_steps": 7, "optim.lr": 0.5})
     assert (cfg.train.num_steps, cfg.optim.lr) == (7, 0.5)
+
+
+@pytest.mark.parametrize("name", ["vilt_shapes.py", "coattention_shapes.py"])
+def test_family_files_with_preset_dicts_sweep_their_presets(name):
+    """A dict VARIANTS of named presets (vilt_shapes.py, coattention_shapes.py) sweeps
+    `variant=<name>`; every variant's config builds (smoke) and carries its preset."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("presets_" + name[:-3], _path(name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    presets = module.VARIANTS
+    variants = list_variants(_path(name))
+    assert variants == [f"variant={k}" for k in presets]
+    configs = {k: variant_config(_path(name), v, "smoke") for k, v in zip(presets, variants)}
+    assert len({c.to_json() for c in configs.values()}) == len(presets), "variants must differ"
+    for key, config in configs.items():
+        if name == "vilt_shapes.py":
+            assert config.model.image_cls == presets[key]["image_cls"], key
+            method = config.method.to_json()
+            assert all(f'"{o}"' in method for o in presets[key]["objectives"]), (key, method)
+        else:
+            for field, value in presets[key].items():
+                assert config.model[field] == value, (key, field)

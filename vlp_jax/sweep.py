@@ -5,6 +5,11 @@ variants, as short-argument strings for `get_config`:
 
     VARIANTS = ["ratio=0", "ratio=0.5", "ratio=0.75"]        # or: def get_sweep(): ...
 
+or, in a family file whose `get_config` takes a `variant=<name>` argument, a dict of named
+presets, `VARIANTS = {"vilt": {...}, "uniter": {...}}`: its sweep variants are
+"variant=vilt", "variant=uniter", ... (the dict's keys, in order; the presets' contents are the
+experiment file's business).
+
     vlp-jax sweep --config experiments/ablation_flip_ratio.py --workdir W
     vlp-jax sweep --config experiments/ablation_flip_ratio.py:smoke --workdir W
 
@@ -19,6 +24,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Mapping
 from typing import Any, Callable, Sequence
 
 import jax
@@ -40,10 +46,13 @@ def _load_module(path: str):
 
 
 def list_variants(path: str) -> list[str]:
-    """The variants an ablation file declares (`get_sweep()` or `VARIANTS`)."""
+    """The variants an ablation file declares: `get_sweep()`, a list `VARIANTS` of argument
+    strings, or a dict `VARIANTS` of named presets -> ['variant=<name>', ...]."""
     module = _load_module(path)
     if hasattr(module, "get_sweep"):
         variants = list(module.get_sweep())
+    elif isinstance(getattr(module, "VARIANTS", None), Mapping):
+        variants = [f"variant={name}" for name in module.VARIANTS]
     elif hasattr(module, "VARIANTS"):
         variants = list(module.VARIANTS)
     else:
