@@ -81,3 +81,29 @@ def test_mesh_over_a_subset_of_the_devices():
     assert make_mesh(ml_collections.ConfigDict(dict(num_devices=4))).shape["data"] == 4
     with pytest.raises(ValueError, match="num_devices=9"):
         make_mesh(ml_collections.ConfigDict(dict(num_devices=9)))
+
+
+def test_indivisible_dimension_warns_naming_parameter_dimension_and_axis():
+    """A dimension its rule's mesh axis does not divide is replicated, with a warning naming
+    the parameter path, the dimension and the axis; a dividing one shards silently."""
+    import warnings
+
+    import flax.linen as nn
+    from vlp_jax.parallel.sharding import ShardingFallbackWarning
+    mesh = make_mesh(ml_collections.ConfigDict({"axes": {"fsdp": 8}}))
+    box = lambda shape, names: nn.LogicallyPartitioned(
+        jax.ShapeDtypeStruct(shape, np.float32), names)
+    params = {"tower": {"embed": {"embedding": box((50, 32), ("vocab", "embed"))},
+                        "fc": {"kernel": box((32, 64), ("embed", "mlp"))}}}
+    rules = (("vocab", "fsdp"), ("mlp", "fsdp"), ("embed", None))
+    with pytest.warns(ShardingFallbackWarning) as caught:
+        shardings = param_shardings(params, mesh, rules)
+    messages = [str(w.message) for w in caught if w.category is ShardingFallbackWarning]
+    assert len(messages) == 1, messages
+    assert "tower/embed/embedding" in messages[0] and "dimension 0 (size 50)" in messages[0]
+    assert "'fsdp' (size 8)" in messages[0]
+    assert shardings["tower"]["embed"]["embedding"].spec == P(None, None)
+    assert shardings["tower"]["fc"]["kernel"].spec == P(None, "fsdp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ShardingFallbackWarning)      # divisible: no warning
+        param_shardings({"fc": params["tower"]["fc"]}, mesh, rules)

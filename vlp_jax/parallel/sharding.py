@@ -7,10 +7,14 @@ logical name to a mesh axis (or None = replicated). Layouts:
     fsdp     `embed`-like axes split over `fsdp`; batch over data x fsdp  (ZeRO-3 / FSDP)
     model    heads and MLP units split over `model` (Megatron-style tensor parallelism)
 
-The rules below are the defaults; `config.mesh.rules` may replace them.
+The rules below are the defaults; `config.mesh.rules` may replace them. A dimension that a
+rule maps to a mesh axis it does not divide is replicated instead, with a `ShardingFallbackWarning`
+naming the parameter, the dimension and the axis (each device then holds the whole dimension:
+on a pod that is a memory cliff, not a detail).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -38,16 +42,37 @@ def logical_rules(mesh_cfg=None) -> tuple[tuple[str, Any], ...]:
     return DEFAULT_RULES
 
 
-def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
-    """Drops mesh axes from a spec where they do not divide the dimension (or are size 1)."""
+class ShardingFallbackWarning(UserWarning):
+    """A parameter dimension is replicated because its mesh axis does not divide it."""
+
+
+def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh, name: str = "<array>") -> P:
+    """Drops mesh axes from a spec where they do not divide the dimension (or are size 1).
+
+    Dropping an axis of size > 1 replicates that dimension on every device of the axis; it
+    warns (`ShardingFallbackWarning`) naming `name` (the parameter path), the dimension and
+    the axis. Size-1 axes are dropped silently (nothing is split either way).
+    """
     fitted = []
-    for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    for i, (dim, axis) in enumerate(zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)))):
         names = (axis,) if isinstance(axis, str) else tuple(axis or ())
         size = 1
         for a in names:
             size *= mesh.shape[a]
-        fitted.append(axis if names and size > 1 and dim % size == 0 else None)
+        fits = names and size > 1 and dim % size == 0
+        if names and size > 1 and not fits:
+            warnings.warn(
+                f"parameter {name} {tuple(shape)}: dimension {i} (size {dim}) is not divisible "
+                f"by mesh axis {axis!r} (size {size}); that dimension is replicated instead of "
+                f"sharded", ShardingFallbackWarning, stacklevel=3)
+        fitted.append(axis if fits else None)
     return P(*fitted)
+
+
+def _path_name(path) -> str:
+    """'/'-joined parameter path ('text_tower/layer_0/mlp/kernel') of a tree key path."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                    for k in path)
 
 
 def param_shardings(abstract_boxed_params, mesh: Mesh, rules) -> Any:
@@ -59,8 +84,9 @@ def param_shardings(abstract_boxed_params, mesh: Mesh, rules) -> Any:
     specs = nn.get_partition_spec(abstract_boxed_params)
     mesh_specs = nn.logical_to_mesh(specs, rules)
     shapes = nn.meta.unbox(abstract_boxed_params)
-    return jax.tree.map(
-        lambda spec, x: NamedSharding(mesh, _fit_spec(spec, x.shape, mesh)),
+    return jax.tree_util.tree_map_with_path(
+        lambda path, spec, x: NamedSharding(mesh, _fit_spec(spec, x.shape, mesh,
+                                                            _path_name(path))),
         mesh_specs, shapes, is_leaf=lambda s: isinstance(s, P))
 
 
