@@ -65,22 +65,22 @@ def test_captured_attention_is_every_blocks_softmax_and_leaves_the_forward_uncha
         np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-5)
     ref = image_features(method.model, params, batch["image"])
     for a, b in zip((emb, pooled, tokens), ref):
-        np.testing.assert_allclose(a, b, rtol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)   # two attention paths
 
 
 def test_attention_score_is_the_class_token_row_averaged_over_layers_and_heads():
     w = [jax.random.uniform(jax.random.key(i), (2, 3, 5, 5)) for i in range(2)]
     expected = (sum(x[:, :, 0, 1:].mean(1) for x in w) / 2)
-    np.testing.assert_allclose(attention_scores(w, 4), expected, rtol=1e-6)
+    np.testing.assert_allclose(attention_scores(w, 4), expected, rtol=1e-5)
     no_cls = attention_scores(w, 5)                            # gap / map pooling
-    np.testing.assert_allclose(no_cls, sum(x.mean((1, 2)) for x in w) / 2, rtol=1e-6)
+    np.testing.assert_allclose(no_cls, sum(x.mean((1, 2)) for x in w) / 2, rtol=1e-5)
 
 
 def test_text_score_prefers_the_patch_most_similar_to_the_caption():
     patches = jnp.eye(4)[None]                                 # 4 orthogonal patch embeddings
     text = jnp.array([[0.0, 0.0, 1.0, 0.0]])
     s = text_scores(patches, text, jnp.array(10.0))
-    np.testing.assert_allclose(s.sum(), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(s.sum(), 1.0, rtol=1e-5)
     assert int(jnp.argmax(s)) == 2
 
 

@@ -46,7 +46,7 @@ def test_softmax_loss_matches_numpy_reference():
 def test_softmax_loss_is_symmetric_in_the_towers():
     u, v = _embeddings()
     np.testing.assert_allclose(softmax_contrastive_loss(u, v, jnp.array(2.0))[0],
-                               softmax_contrastive_loss(v, u, jnp.array(2.0))[0], rtol=1e-6)
+                               softmax_contrastive_loss(v, u, jnp.array(2.0))[0], rtol=1e-5)
 
 
 def test_softmax_loss_is_invariant_to_permuting_pairs():
@@ -68,7 +68,7 @@ def test_temperature_is_clipped_at_100():
     u, v = _embeddings()
     a = softmax_contrastive_loss(u, v, jnp.array(10.0))[0]
     b = softmax_contrastive_loss(u, v, jnp.log(100.0))[0]
-    np.testing.assert_allclose(a, b, rtol=1e-6)
+    np.testing.assert_allclose(a, b, rtol=1e-5)     # exp(log(100)) is 100 only to ~1 ulp
     grad = jax.grad(lambda t: softmax_contrastive_loss(u, v, t)[0])(jnp.array(10.0))
     assert float(grad) == 0.0
 

@@ -297,7 +297,7 @@ def test_augmentation_keeps_left_and_right():
                             "angle": 0.0, "noise_seed": 0}, "relations": []}
     image = w.render(scene, 32)
     np.testing.assert_allclose(preprocess.crop_and_resize(preprocess.normalize(image), 1, 0, 0),
-                               preprocess.normalize(image), atol=1e-6)
+                               preprocess.normalize(image), atol=1e-5)   # resampling sums
     for _ in range(20):
         x = preprocess.augment_image(image, rng)
         assert x.dtype == np.float32 and -1 <= x.min() and x.max() <= 1

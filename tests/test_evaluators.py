@@ -189,7 +189,7 @@ def test_embed_in_batches_matches_a_direct_call_and_compiles_once():
     out = embed_in_batches(jax.jit(f), x, batch_size=4)     # 4 + 4 + 2 (padded to 4)
     assert out.dtype == np.float32 and out.shape == (10, 4)
     assert traces == [(4, 3)]
-    np.testing.assert_allclose(out, np.asarray(f(jnp.asarray(x))), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out, np.asarray(f(jnp.asarray(x))), rtol=1e-5, atol=1e-6)
     assert embed_in_batches(jax.jit(f), x[:3], batch_size=16).shape == (3, 4)
 
 

@@ -115,11 +115,11 @@ def test_itc_with_queue_matches_numpy_reference():
     u, w, um, wm, iq, tq, qmask = args
     garbage = jnp.where(qmask[:, None], iq, 100.0)
     loss2, _ = jax.jit(itc_with_queue)(u, w, um, wm, garbage, tq, qmask, 0.07, 0.4)
-    np.testing.assert_allclose(loss2, loss, rtol=1e-6)
+    np.testing.assert_allclose(loss2, loss, rtol=1e-5)
     # The queue may also be passed as the `queue_init` dict.
     qd = lambda f: dict(feats=f, ptr=jnp.int32(0), filled=jnp.int32(7))
     loss3, _ = itc_with_queue(u, w, um, wm, qd(iq), qd(tq), qmask, 0.07, 0.4)
-    np.testing.assert_allclose(loss3, loss, rtol=1e-6)
+    np.testing.assert_allclose(loss3, loss, rtol=1e-5)      # eager vs jitted reductions
 
 
 def test_itc_without_queue_and_distillation_is_clip():
@@ -138,7 +138,7 @@ def test_itc_with_queue_sharded_equals_global_and_gradients():
     loss_s, metrics_s = jax.jit(sharded)(*args, tau, alpha)
     loss_g, metrics_g = itc_with_queue(*args, tau, alpha)
     np.testing.assert_allclose(loss_s, loss_g, rtol=1e-5)
-    chex.assert_trees_all_close(metrics_s, metrics_g, rtol=1e-6)
+    chex.assert_trees_all_close(metrics_s, metrics_g, rtol=1e-5)
     grad_s = jax.jit(jax.grad(lambda u, w, t: sharded(u, w, *args[2:], t, alpha)[0],
                               argnums=(0, 1, 2)))(args[0], args[1], tau)
     grad_g = jax.grad(lambda u, w, t: itc_with_queue(u, w, *args[2:], t, alpha)[0],

@@ -21,7 +21,8 @@ def test_cosine_cost_matches_numpy():
     c = cosine_cost(x, y)
     xn = np.asarray(x) / np.linalg.norm(x, axis=-1, keepdims=True)
     yn = np.asarray(y) / np.linalg.norm(y, axis=-1, keepdims=True)
-    np.testing.assert_allclose(c, 1 - np.einsum("bnd,bmd->bnm", xn, yn), atol=1e-6)
+    # float32 dot products of d=5 unit vectors (values in [0, 2]) against float64: a few ulp.
+    np.testing.assert_allclose(c, 1 - np.einsum("bnd,bmd->bnm", xn, yn), atol=1e-5)
 
 
 def test_marginals_and_masked_entries():
@@ -93,10 +94,15 @@ def test_no_gradient_flows_through_the_plan():
         return (jnp.sum(jnp.where(pos, d_, 0.0)) - jnp.sum(jnp.where(pos, 0.0, d_))) / b
 
     loss_fn = lambda t, v: wpa_loss(t, t_mask, v, i_mask, pos)[0]
-    np.testing.assert_allclose(jax.jit(loss_fn)(text, image), with_constant_plan(text, image), rtol=1e-6)
+    # The two sides run 50 IPOT iterations in different jits (fusion order differs between
+    # machines), and the loss (~0.015) is a difference of distances ~0.65: its float32 error
+    # is relative to those terms, not to the small difference.
+    terms = float(jnp.abs(ot_distance(cosine_cost(text, image), plan)).sum()) / b
+    np.testing.assert_allclose(jax.jit(loss_fn)(text, image), with_constant_plan(text, image),
+                               rtol=1e-5, atol=1e-5 * terms)
     got = jax.jit(jax.grad(loss_fn, argnums=(0, 1)))(text, image)
     want = jax.jit(jax.grad(with_constant_plan, argnums=(0, 1)))(text, image)
-    chex.assert_trees_all_close(got, want, atol=1e-6)
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)    # entries up to ~0.025
     assert float(jnp.abs(got[0]).sum()) > 0
     # Gradients of a masked token are zero: it carries no mass.
     assert float(jnp.abs(got[0][2, 3:]).sum()) == 0.0

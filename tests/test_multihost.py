@@ -112,7 +112,9 @@ def test_loss_trajectory_matches_one_process(runs, loss):
     ref = reference[loss]["losses"]
     assert len(ref) == STEPS
     for w in workers:
-        np.testing.assert_allclose(w[loss]["losses"], ref, atol=1e-5, rtol=0)
+        # Each step's float32 reductions run in another order across 2 processes, and the
+        # differences compound over the Adam steps: 1e-5 relative to the loss (~4), not 1e-5 abs.
+        np.testing.assert_allclose(w[loss]["losses"], ref, atol=1e-5, rtol=1e-5)
     # Not a flat trajectory that would match trivially: the tiny model does learn.
     assert ref[-1] < ref[0] - 0.1, ref
 

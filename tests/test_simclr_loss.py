@@ -43,7 +43,7 @@ def test_matches_numpy_reference(tau):
 def test_symmetric_in_views_and_invariant_to_permuting_images():
     z1, z2 = _views()
     base = nt_xent_loss(z1, z2)[0]
-    np.testing.assert_allclose(nt_xent_loss(z2, z1)[0], base, rtol=1e-6)
+    np.testing.assert_allclose(nt_xent_loss(z2, z1)[0], base, rtol=1e-5)   # sums reordered
     perm = np.random.default_rng(0).permutation(len(z1))
     np.testing.assert_allclose(nt_xent_loss(z1[perm], z2[perm])[0], base, rtol=1e-5)
 
@@ -88,8 +88,8 @@ def test_sharded_loss_and_gradients_equal_single_device_on_8_devices():
 
     ref, ref_grads = jax.value_and_grad(global_loss, argnums=(0, 1))(z1, z2)
     out, grads = jax.jit(jax.value_and_grad(split_loss, argnums=(0, 1)))(z1, z2)
-    np.testing.assert_allclose(out, ref, rtol=1e-6)
+    np.testing.assert_allclose(out, ref, rtol=1e-5)      # per-shard partial sums, then psum
     for g, r in zip(grads, ref_grads):
-        np.testing.assert_allclose(g, r, atol=1e-6)
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
     acc_ref = nt_xent_loss(z1, z2, 0.1)[1]["ssl_acc"]
     np.testing.assert_allclose(sharded(z1, z2)[1]["ssl_acc"], acc_ref)
