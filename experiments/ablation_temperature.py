@@ -1,7 +1,7 @@
 """Ablation: learnable vs fixed softmax temperature (CLIP's loss, T starting at 0.07).
 
 `temp=fixed` freezes `logit_scale` at its initial value through the optimizer's trainable
-mask (`method.frozen=['logit_scale']`); `temp=learnable` is experiments/clip_shapes.py.
+mask (`config.frozen=['logit_scale']`); `temp=learnable` is experiments/clip_shapes.py.
 
     vlp-jax sweep --config experiments/ablation_temperature.py:smoke --workdir workdirs/abl_temp
 
@@ -25,5 +25,5 @@ def get_config(arg=None):
     config = load_config(f"{CLIP}:smoke={arg.smoke},steps={arg.steps},batch={arg.batch},"
                          f"res={arg.res}")
     config.model.logit_scale_init = math.log(1.0 / arg.init)
-    config.method.frozen = ["logit_scale"] if arg.temp == "fixed" else []
+    config.frozen = ["logit_scale"] if arg.temp == "fixed" else []
     return config

@@ -2,10 +2,10 @@
 
 The image tower and its projection come from an earlier CLIP run's checkpoint and stay
 locked: only the text tower (and the temperature) trains, learning to read out the image
-embedding space that already exists. The image parameters are copied by
-`method.warm_start` (only that subtree is read from the checkpoint, shapes checked) and
-frozen by `method.frozen` (the optimizer gives them no update and no moments, and their
-gradient is not computed). The loss is CLIP's softmax InfoNCE.
+embedding space that already exists. The image parameters are copied by the trainer's
+`config.init` (only the mapped subtrees are read from the checkpoint, shapes checked) and
+frozen by `config.frozen` (regexes: the optimizer gives them no update and no moments, and
+their gradient is not computed). The loss is CLIP's softmax InfoNCE.
 
     vlp-jax train --config experiments/clip_shapes.py --workdir workdirs/clip_shapes
     vlp-jax train --config experiments/lit_shapes.py --workdir workdirs/lit_shapes
@@ -16,6 +16,8 @@ checkpoint's, so pass the same smoke/res as that run); init (the CLIP run's WORK
 default workdirs/clip_shapes); step (checkpoint step, -1 = latest).
 """
 import os
+
+import ml_collections
 
 from vlp_jax.config_args import load_config, parse_arg
 
@@ -28,6 +30,7 @@ def get_config(arg=None):
                     step=-1)
     config = load_config(f"{CLIP}:smoke={arg.smoke},steps={arg.steps},batch={arg.batch},"
                          f"res={arg.res}")
-    config.method.warm_start = dict(workdir=arg.init, params=list(LOCKED), step=arg.step)
-    config.method.frozen = list(LOCKED)
+    config.init = ml_collections.ConfigDict(dict(
+        workdir=arg.init, step=arg.step, mapping={name: name for name in LOCKED}))
+    config.frozen = [f"{name}/.*" for name in LOCKED]
     return config

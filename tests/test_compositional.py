@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 from vlp_jax.evaluators.compositional import evaluate_compositional, pairwise_accuracy
-from vlp_jax.methods.base import Encoders
 
 COLORS = ["red", "green", "blue", "yellow"]
 SHAPES = ["circle", "square", "triangle"]
@@ -76,14 +75,14 @@ def perfect_itc_encoders(positives):
         return out
 
     true_keys = [key(t) for t in tokenize(positives)]
-    return Encoders(encode_image=lambda im: onehot([true_keys[i] for i in _index(im)]),
+    return dict(encode_image=lambda im: onehot([true_keys[i] for i in _index(im)]),
                     encode_text=lambda tok: onehot([key(t) for t in tok]))
 
 
 def bow_encoders(positives):
     """A scorer that sees which words occur, not how they are bound or ordered."""
     true_bow = bag_of_words(tokenize(positives))
-    return Encoders(encode_image=lambda im: true_bow[_index(im)], encode_text=bag_of_words)
+    return dict(encode_image=lambda im: true_bow[_index(im)], encode_text=bag_of_words)
 
 
 def test_perfect_scorer_gets_everything_right():
@@ -123,7 +122,7 @@ def test_fusion_score_pairs_is_used_instead_of_cosine():
 
     def broken(_):
         raise AssertionError("ITC encoders must not be called when score_pairs is given")
-    encoders = Encoders(encode_image=broken, encode_text=broken, score_pairs=score_pairs)
+    encoders = dict(encode_image=broken, encode_text=broken, score_pairs=score_pairs)
     out = evaluate_compositional(encoders, _images(12), positives, negatives, tokenize,
                                  batch_size=5)
     assert out["overall"] == 100.0
@@ -140,7 +139,7 @@ def test_ties_count_one_half_and_accuracy_is_per_kind():
 def test_random_scorer_is_near_chance():
     positives, negatives = _world(n=200, seed=1)
     rng = np.random.default_rng(0)
-    enc = Encoders(encode_image=lambda im: _unit(rng.normal(size=(len(im), 8))),
+    enc = dict(encode_image=lambda im: _unit(rng.normal(size=(len(im), 8))),
                    encode_text=lambda tok: _unit(rng.normal(size=(len(tok), 8))))
     out = evaluate_compositional(enc, _images(200), positives, negatives, tokenize)
     assert 40.0 < out["overall"] < 60.0
@@ -178,7 +177,7 @@ def test_registered_evaluator_reads_scenes_and_honours_use_itm(shapes_data_confi
         calls["itm"] += 1
         return np.asarray(tokens, np.float64).sum(axis=1)
 
-    encoders = Encoders(encode_image=embed("itc"), encode_text=embed("itc"),
+    encoders = dict(encode_image=embed("itc"), encode_text=embed("itc"),
                         score_pairs=score_pairs)
     evals = {"itm": {"type": "compositional", "split": "validation", "max_examples": 32},
              "itc": {"type": "compositional", "split": "validation", "max_examples": 32,

@@ -17,8 +17,8 @@ import pytest
 from vlp_jax.config_args import load_config
 from vlp_jax.methods.registry import build_method
 from vlp_jax.parallel.mesh import make_mesh, to_global_batch
-from vlp_jax.train.warm_start import (WarmStartError, load_param_subtrees, splice,
-                                      trainable_mask)
+from vlp_jax.train.freeze import trainable_mask
+from vlp_jax.train.warm_start import WarmStartError, load_param_subtrees, splice
 from tests.helpers import VOCAB, paired_batch as _batch, tiny_dual_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,16 +83,21 @@ def test_unmasked_tuning_needs_the_total_step_count():
 
 # ---------------------------------------------------------------------- LiT / frozen pieces
 
-def test_trainable_mask_freezes_named_subtrees_only():
+def test_trainable_mask_freezes_the_paths_the_regexes_fullmatch():
     params = {"image_tower": {"a": np.zeros(2), "b": {"c": np.zeros(3)}},
               "text_tower": {"a": np.zeros(2)}, "logit_scale": np.zeros(())}
-    mask = trainable_mask(params, ["image_tower", "logit_scale"])
+    mask = trainable_mask(params, ["image_tower/.*", "logit_scale"])
     assert mask == {"image_tower": {"a": False, "b": {"c": False}},
                     "text_tower": {"a": True}, "logit_scale": False}
-    assert trainable_mask(params, ["image_tower/b"])["image_tower"] == {"a": True,
-                                                                       "b": {"c": False}}
-    with pytest.raises(ValueError, match="method.frozen.*'image_towr'"):
-        trainable_mask(params, ["image_towr"])
+    assert trainable_mask(params, ["image_tower/b/.*"])["image_tower"] == {"a": True,
+                                                                          "b": {"c": False}}
+    assert trainable_mask(params, [".*/a"]) == {"image_tower": {"a": False, "b": {"c": True}},
+                                                "text_tower": {"a": False}, "logit_scale": True}
+    assert trainable_mask(params, []) is None
+    with pytest.raises(ValueError, match="config.frozen.*'image_towr/.*'"):
+        trainable_mask(params, ["image_towr/.*"])
+    with pytest.raises(ValueError, match="matches no parameter"):   # fullmatch, not search
+        trainable_mask(params, ["image_tower"])
 
 
 def test_splice_replaces_boxed_values_and_lists_mismatches():
@@ -119,15 +124,15 @@ def test_fixed_temperature_stays_fixed_while_the_rest_trains():
     from vlp_jax.train.step import init_state, make_train_step, state_shardings
     mesh = make_mesh()
     cfg = ml_collections.ConfigDict(dict(model=tiny_dual_config(), method=dict(
-        name="contrastive", frozen=["logit_scale"])))
+        name="contrastive")))
     optim = ml_collections.ConfigDict(dict(lr=3e-3, warmup_steps=1, weight_decay=0.1))
     method = build_method(cfg, VOCAB, mesh)
     batch = _batch()
     tx, _, sh = state_shardings(method, lambda m: make_optimizer(optim, 10, m),
-                                jax.random.key(0), batch, ())
+                                jax.random.key(0), batch, (), frozen=["logit_scale"])
     state = init_state(method, tx, jax.random.key(0), batch, sh)
     before = jax.device_get(state.params)
-    step = make_train_step(method, tx, sh)
+    step = make_train_step(method, tx, sh, frozen=["logit_scale"])
     for _ in range(3):
         state, _ = step(state, to_global_batch(batch, mesh))
     after = jax.device_get(state.params)

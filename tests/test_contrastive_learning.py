@@ -67,7 +67,8 @@ def test_lit_locks_a_pretrained_image_tower_and_learns(shapes_data_config, train
                                                       tmp_path):
     clip, clip_dir = trained_clip["config"], trained_clip["workdir"]
     lit = tiny_experiment(shapes_data_config, f"lit_shapes.py:smoke,init={clip_dir}", steps=150)
-    assert list(lit.method.frozen) == ["image_tower", "image_proj"]
+    assert list(lit.frozen) == ["image_tower/.*", "image_proj/.*"]
+    assert dict(lit.init.mapping) == {"image_tower": "image_tower", "image_proj": "image_proj"}
     ev, rows = _train(lit, tmp_path / "lit")
     _assert_learns(ev, rows, "LiT")
     before = _restore_params(clip, clip_dir)

@@ -10,7 +10,6 @@ from vlp_jax.data.types import EvalSet
 from vlp_jax.evaluators import (EVALUATORS, class_embeddings, embed_in_batches,
                                 recall_from_scores, retrieval_metrics, run_evaluators,
                                 zero_shot_accuracy)
-from vlp_jax.methods.base import Encoders
 
 
 def _unit(x):
@@ -244,7 +243,7 @@ def _fake_encoders(calls):
                 out[row, 12 + a] = 1.0
         return out
 
-    return Encoders(encode_image=encode_image, encode_text=encode_text)
+    return dict(encode_image=encode_image, encode_text=encode_text)
 
 
 def test_run_evaluators_returns_prefixed_metrics_from_the_configured_split():
@@ -276,8 +275,8 @@ def test_run_evaluators_returns_prefixed_metrics_from_the_configured_split():
     ds = _eval_set(N_IMAGES)
     texts, owner = ds.flat_captions()
     enc = _fake_encoders([])
-    direct = retrieval_metrics(enc.encode_image(ds.images), enc.encode_text(_tokenize(texts)),
-                               owner)
+    direct = retrieval_metrics(enc["encode_image"](ds.images),
+                               enc["encode_text"](_tokenize(texts)), owner)
     assert {k: out[f"retrieval_val/{k}"] for k in direct} == pytest.approx(direct)
 
 

@@ -186,13 +186,12 @@ def _fake_eval_set(n=24, captions=2):
 
 def _fake_encoders(noise):
     """ITC embeddings: one-hot of the id plus noise; ITM: +1 for the true pair, else 0."""
-    from vlp_jax.methods.base import Encoders
     rng = np.random.default_rng(0)
     table = np.eye(24, dtype=np.float32) + noise * rng.normal(size=(24, 24)).astype(np.float32)
     enc_image = lambda x: table[np.asarray(x)[:, 0, 0, 0].astype(int)]
     enc_text = lambda t: np.eye(24, dtype=np.float32)[np.asarray(t)[:, 0]]
     score = lambda x, t: (np.asarray(x)[:, 0, 0, 0].astype(int) == np.asarray(t)[:, 0]) * 1.0
-    return Encoders(encode_image=enc_image, encode_text=enc_text, score_pairs=score)
+    return dict(encode_image=enc_image, encode_text=enc_text, score_pairs=score)
 
 
 def test_itm_rerank_recovers_every_true_pair_inside_the_top_k():
@@ -214,10 +213,10 @@ def test_itm_rerank_recovers_every_true_pair_inside_the_top_k():
 
 def test_itm_rerank_needs_a_pair_scorer():
     from vlp_jax.evaluators.itm_rerank import evaluate_itm_rerank
-    from vlp_jax.methods.base import Encoders
     enc = _fake_encoders(0.0)
+    del enc["score_pairs"]
     with pytest.raises(ValueError, match="score_pairs"):
-        evaluate_itm_rerank(dict(split="test"), Encoders(enc.encode_image, enc.encode_text),
+        evaluate_itm_rerank(dict(split="test"), enc,
                             lambda s, m: _fake_eval_set(), None)
 
 

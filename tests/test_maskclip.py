@@ -96,9 +96,9 @@ def test_decoders_live_beside_the_dual_encoder_and_not_in_the_teacher():
     assert {IMAGE_HEAD, TEXT_HEAD} <= set(params)
     teacher = method.init_aux(params)["teacher"]
     assert not {IMAGE_HEAD, TEXT_HEAD} & set(teacher)
-    # the evaluators' encoders ignore the extra heads
-    enc = method.encoders(params)
-    assert enc.encode_image(batch["image"]).shape == (8, 16)
+    # the evaluators' prediction functions ignore the extra heads
+    fns = method.predict_fns()
+    assert jax.jit(fns["encode_image"])(params, batch["image"]).shape == (8, 16)
 
 
 def _grad_norm(tree):

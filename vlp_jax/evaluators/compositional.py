@@ -13,8 +13,8 @@ to the swap sits at chance, 50%). Reported, in percent: accuracy per kind of swa
 whose true caption beats every negative (`compositional/all_negatives`), the counts
 (`compositional/n_<kind>`) and `compositional/chance` = 50.
 
-Scores s: the cosine of the ITC embeddings by default; the `Encoders.score_pairs` match
-score (an ITM head) when the model provides one.
+Scores s: the cosine of the ITC embeddings by default; the `score_pairs` match score (an
+ITM head) when the model provides one.
 
 config (an entry of `config.evals` with type 'compositional'):
   split: eval split; max_examples: cap on images (None = all);
@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from vlp_jax.methods.base import Encoders
+from vlp_jax.evaluators.protocol import PredictFns, require, without
 
 CHANCE = 50.0
 
@@ -47,16 +47,16 @@ def _batched(fn: Callable, arrays: Sequence[np.ndarray], batch_size: int) -> np.
     return np.concatenate(out) if out else np.zeros((0,))
 
 
-def caption_scores(encoders: Encoders, images: np.ndarray, tokens: np.ndarray,
+def caption_scores(predict: PredictFns, images: np.ndarray, tokens: np.ndarray,
                    owner: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Score of each caption against its own image: tokens [M, L], owner int [M] -> [M].
 
-    ITC cosine <u_owner, v_m> unless `encoders.score_pairs` is given (fusion models).
+    ITC cosine <u_owner, v_m> unless `predict` has `score_pairs` (fusion models).
     """
-    if encoders.score_pairs is not None:
-        return _batched(encoders.score_pairs, (images[owner], tokens), batch_size)
-    u = _batched(encoders.encode_image, (images,), batch_size)
-    v = _batched(encoders.encode_text, (tokens,), batch_size)
+    if predict.get("score_pairs") is not None:
+        return _batched(predict["score_pairs"], (images[owner], tokens), batch_size)
+    u = _batched(require(predict, "encode_image", "compositional"), (images,), batch_size)
+    v = _batched(require(predict, "encode_text", "compositional"), (tokens,), batch_size)
     return np.sum(u[owner].astype(np.float64) * v.astype(np.float64), axis=-1)
 
 
@@ -84,7 +84,7 @@ def pairwise_accuracy(positive: np.ndarray, negative: np.ndarray, kinds: Sequenc
     return out
 
 
-def evaluate_compositional(encoders: Encoders, images: np.ndarray, positives: Sequence[str],
+def evaluate_compositional(predict: PredictFns, images: np.ndarray, positives: Sequence[str],
                            negatives: Sequence[Sequence[tuple[str, str]]],
                            tokenize: Callable[[Sequence[str]], np.ndarray],
                            batch_size: int = 256, tie_tolerance: float = 1e-5
@@ -103,14 +103,14 @@ def evaluate_compositional(encoders: Encoders, images: np.ndarray, positives: Se
             texts.append(caption)
             owner.append(row)
             kinds.append(kind)
-    scores = caption_scores(encoders, images, np.asarray(tokenize(texts)),
+    scores = caption_scores(predict, images, np.asarray(tokenize(texts)),
                             np.asarray(owner, np.int32), batch_size)
     n = len(keep)
     return pairwise_accuracy(scores[:n], scores[n:], kinds, np.asarray(owner[n:]),
                              tie_tolerance)
 
 
-def evaluate_compositional_config(config, encoders: Encoders, load_eval_set_fn,
+def evaluate_compositional_config(config, predict: PredictFns, load_eval_set_fn,
                                   tokenize_fn) -> dict[str, float]:
     """The 'compositional' evaluator of `config.evals`: each image of the split scored with
     its scene's canonical caption against that caption's swaps (`shapes_world.hard_negatives`).
@@ -123,9 +123,9 @@ def evaluate_compositional_config(config, encoders: Encoders, load_eval_set_fn,
     if not ds.scenes:
         raise ValueError("the compositional evaluator needs the eval set's scene descriptions")
     if not config.get("use_itm", True):
-        encoders = Encoders(encode_image=encoders.encode_image, encode_text=encoders.encode_text)
+        predict = without(predict, "score_pairs")
     positives = [shapes_world.canonical_caption(s) for s in ds.scenes]
     negatives = [shapes_world.hard_negatives(s) for s in ds.scenes]
-    return evaluate_compositional(encoders, ds.images, positives, negatives, tokenize_fn,
+    return evaluate_compositional(predict, ds.images, positives, negatives, tokenize_fn,
                                   batch_size=int(config.get("batch_size", None) or 256),
                                   tie_tolerance=float(config.get("tie_tolerance", 1e-5)))

@@ -57,7 +57,7 @@ def embed_in_batches(fn: Callable[[Any], Any], array: np.ndarray,
     """Embeddings of every row of `array` with a jitted encoder.
 
     Args:
-      fn: x [batch_size, ...] -> embeddings [batch_size, D] (e.g. `Encoders.encode_image`).
+      fn: x [batch_size, ...] -> embeddings [batch_size, D] (e.g. `predict["encode_image"]`).
       array: [N, ...] inputs (images [N, H, W, 3] or tokens [N, L]), N >= 1.
       batch_size: rows per call; the last batch is padded so `fn` sees one shape only.
 

@@ -40,6 +40,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from vlp_jax.evaluators.embed import embed_in_batches
+from vlp_jax.evaluators.protocol import PredictFns, require
 from vlp_jax.evaluators.retrieval import DEFAULT_KS, l2_normalize, recall_from_scores
 
 DEFAULT_K = 16
@@ -125,12 +126,12 @@ def _block(x):
     return np.asarray(x)
 
 
-def evaluate_itm_rerank(config: Mapping[str, Any], encoders: Any, load_eval_set_fn,
+def evaluate_itm_rerank(config: Mapping[str, Any], predict: PredictFns, load_eval_set_fn,
                         tokenize_fn) -> dict[str, float]:
     """The 'itm_rerank_retrieval' evaluator (see the module docstring)."""
-    if getattr(encoders, "score_pairs", None) is None:
-        raise ValueError("evaluator type 'itm_rerank_retrieval' needs a method whose encoders "
-                         "provide score_pairs (a fusion model with an ITM head)")
+    score_fn = require(predict, "score_pairs", "itm_rerank_retrieval")
+    encode_image = require(predict, "encode_image", "itm_rerank_retrieval")
+    encode_text = require(predict, "encode_text", "itm_rerank_retrieval")
     if config.get("split") is None:
         raise ValueError("an evaluator config needs `split`")
     ds = load_eval_set_fn(config["split"], config.get("max_examples", None))
@@ -143,16 +144,15 @@ def evaluate_itm_rerank(config: Mapping[str, Any], encoders: Any, load_eval_set_
     tokens = np.asarray(tokenize_fn(texts))
     images = np.asarray(ds.images)
     n, m = images.shape[0], tokens.shape[0]
-    score_fn = encoders.score_pairs
 
     # Compile everything once outside the timed regions.
-    _block(encoders.encode_image(images[np.zeros(bs, np.int64) % n]))
-    _block(encoders.encode_text(tokens[np.zeros(bs, np.int64) % m]))
+    _block(encode_image(images[np.zeros(bs, np.int64) % n]))
+    _block(encode_text(tokens[np.zeros(bs, np.int64) % m]))
     _block(score_fn(images[np.zeros(bs, np.int64) % n], tokens[np.zeros(bs, np.int64) % m]))
 
     start = time.perf_counter()
-    u = l2_normalize(embed_in_batches(encoders.encode_image, images, bs))
-    v = l2_normalize(embed_in_batches(encoders.encode_text, tokens, bs))
+    u = l2_normalize(embed_in_batches(encode_image, images, bs))
+    v = l2_normalize(embed_in_batches(encode_text, tokens, bs))
     itc = u.astype(np.float64) @ v.astype(np.float64).T
     i2t_cols, t2i_rows = top_k_pairs(itc, k)
     itc_seconds = time.perf_counter() - start

@@ -17,12 +17,12 @@ Metrics come back flat as `<evaluator name>/<metric>`, e.g. `zeroshot/top1`,
 
 Adding a family (compositional, ITM re-ranking retrieval, VQA, ...): write, in its own module,
 
-    def evaluate_<family>(config, encoders, load_eval_set_fn, tokenize_fn) -> dict[str, float]
+    def evaluate_<family>(config, predict, load_eval_set_fn, tokenize_fn) -> dict[str, float]
 
-returning unprefixed metric names, and add ONE entry `"<type>": evaluate_<family>` to
-`EVALUATORS` below (or call `register_evaluator("<type>", fn)` from outside the package).
-Nothing else changes: `run_evaluators` dispatches on `type` and adds the prefix.
-`encoders` is a `vlp_jax.methods.base.Encoders`; fusion models also set `score_pairs`.
+(the protocol, `predict` included, is `vlp_jax.evaluators.protocol`) returning unprefixed
+metric names, and add ONE entry `"<type>": evaluate_<family>` to `EVALUATORS` below (or call
+`register_evaluator("<type>", fn)` from outside the package). Nothing else changes:
+`run_evaluators` dispatches on `type` and adds the prefix.
 """
 from __future__ import annotations
 
@@ -36,12 +36,10 @@ from vlp_jax.data.types import EvalSet
 from vlp_jax.evaluators.compositional import evaluate_compositional_config
 from vlp_jax.evaluators.embed import embed_in_batches
 from vlp_jax.evaluators.itm_rerank import evaluate_itm_rerank
+from vlp_jax.evaluators.protocol import (EvaluatorFn, LoadEvalSetFn, PredictFns, TokenizeFn,
+                                         require)
 from vlp_jax.evaluators.retrieval import DEFAULT_CHUNK, DEFAULT_KS, retrieval_metrics
 from vlp_jax.evaluators.zero_shot import class_embeddings, zero_shot_accuracy
-
-LoadEvalSetFn = Callable[[str, int | None], EvalSet]
-TokenizeFn = Callable[[Sequence[str]], np.ndarray]
-EvaluatorFn = Callable[[Mapping[str, Any], Any, LoadEvalSetFn, TokenizeFn], dict]
 
 DEFAULT_BATCH_SIZE = 256
 _log = logging.getLogger(__name__)
@@ -61,20 +59,20 @@ def _ks(config: Mapping[str, Any], default: Sequence[int]) -> tuple[int, ...]:
     return tuple(int(k) for k in (config.get("ks", None) or default))
 
 
-def evaluate_zero_shot(config: Mapping[str, Any], encoders: Any,
+def evaluate_zero_shot(config: Mapping[str, Any], predict: PredictFns,
                        load_eval_set_fn: LoadEvalSetFn, tokenize_fn: TokenizeFn
                        ) -> dict[str, float]:
     """Zero-shot classification of the split's images into `EvalSet.class_names` using
     `EvalSet.prompt_templates` -> {'top1', 'top5', 'chance'} (percent)."""
     ds = _load(config, load_eval_set_fn)
     bs = _batch_size(config)
-    cls = class_embeddings(encoders.encode_text, tokenize_fn, ds.class_names,
-                           ds.prompt_templates, bs)
-    img = embed_in_batches(encoders.encode_image, ds.images, bs)
+    cls = class_embeddings(require(predict, "encode_text", "zero_shot"), tokenize_fn,
+                           ds.class_names, ds.prompt_templates, bs)
+    img = embed_in_batches(require(predict, "encode_image", "zero_shot"), ds.images, bs)
     return zero_shot_accuracy(img, cls, np.asarray(ds.labels), ks=_ks(config, (1, 5)))
 
 
-def evaluate_retrieval(config: Mapping[str, Any], encoders: Any,
+def evaluate_retrieval(config: Mapping[str, Any], predict: PredictFns,
                        load_eval_set_fn: LoadEvalSetFn, tokenize_fn: TokenizeFn
                        ) -> dict[str, float]:
     """COCO-style image<->caption retrieval over all of the split's captions with ITC
@@ -82,8 +80,9 @@ def evaluate_retrieval(config: Mapping[str, Any], encoders: Any,
     ds = _load(config, load_eval_set_fn)
     bs = _batch_size(config)
     texts, owner = ds.flat_captions()
-    img = embed_in_batches(encoders.encode_image, ds.images, bs)
-    txt = embed_in_batches(encoders.encode_text, np.asarray(tokenize_fn(texts)), bs)
+    img = embed_in_batches(require(predict, "encode_image", "retrieval"), ds.images, bs)
+    txt = embed_in_batches(require(predict, "encode_text", "retrieval"),
+                           np.asarray(tokenize_fn(texts)), bs)
     return retrieval_metrics(img, txt, owner, ks=_ks(config, DEFAULT_KS),
                              chunk_size=int(config.get("chunk_size", None) or DEFAULT_CHUNK))
 
@@ -104,7 +103,7 @@ def register_evaluator(type_name: str, fn: EvaluatorFn) -> EvaluatorFn:
     return fn
 
 
-def run_evaluators(evals_config: Mapping[str, Mapping[str, Any]], encoders: Any,
+def run_evaluators(evals_config: Mapping[str, Mapping[str, Any]], predict: PredictFns,
                    load_eval_set_fn: LoadEvalSetFn, tokenize_fn: TokenizeFn
                    ) -> dict[str, float]:
     """Runs every evaluator in `evals_config` and returns their metrics, flat.
@@ -112,8 +111,8 @@ def run_evaluators(evals_config: Mapping[str, Mapping[str, Any]], encoders: Any,
     Args:
       evals_config: ConfigDict (or dict) name -> config with `type`, `split`,
         `max_examples`, `batch_size` (see the module docstring).
-      encoders: object with `encode_image(images [B, H, W, 3]) -> [B, D]` and
-        `encode_text(tokens int32 [B, L]) -> [B, D]` (jitted, parameters bound).
+      predict: `protocol.PredictFns`: {'encode_image': images [B, H, W, 3] -> [B, D],
+        'encode_text': tokens int32 [B, L] -> [B, D], ...} (jitted, parameters bound).
       load_eval_set_fn: (split, max_examples) -> EvalSet.
       tokenize_fn: list[str] -> int32 [n, L].
 
@@ -129,7 +128,7 @@ def run_evaluators(evals_config: Mapping[str, Mapping[str, Any]], encoders: Any,
     metrics: dict[str, float] = {}
     for name, cfg in evals_config.items():
         start = time.perf_counter()
-        result = EVALUATORS[cfg["type"]](cfg, encoders, load_eval_set_fn, tokenize_fn)
+        result = EVALUATORS[cfg["type"]](cfg, predict, load_eval_set_fn, tokenize_fn)
         for key, value in result.items():
             metrics[f"{name}/{key}"] = float(value)
         _log.info("evaluator %s (%s) took %.1fs: %s", name, cfg["type"],

@@ -46,7 +46,7 @@ from vlp_jax.losses.distill import (distill_alpha, ema_update, itc_with_queue, q
                                     queue_push, queue_valid_mask)
 from vlp_jax.losses.itm import hard_negative_indices, itm_loss
 from vlp_jax.losses.mlm import mlm_loss, soft_mlm_loss
-from vlp_jax.methods.base import Encoders, Method
+from vlp_jax.methods.base import Method, model_predict_fn
 from vlp_jax.methods.vilt import mask_for_mlm
 from vlp_jax.parallel.sharding import shard_batch_fn
 
@@ -190,9 +190,6 @@ class AlbefMethod(Method):
                        text_queue=queue_push(aux["text_queue"], w_m))
         return loss, metrics, new_aux
 
-    def encoders(self, params) -> Encoders:
-        variables = {"params": params}
-        apply = lambda method: jax.jit(
-            lambda *a: self.model.apply(variables, *a, method=method))
-        return Encoders(encode_image=apply("encode_image"), encode_text=apply("encode_text"),
-                        score_pairs=apply("score_pairs"))
+    def predict_fns(self):
+        """The base encoders plus `score_pairs(params, images, tokens) -> [B]` (ITM head)."""
+        return dict(super().predict_fns(), score_pairs=model_predict_fn(self.model, "score_pairs"))

@@ -8,8 +8,13 @@ All functions are pure and traced inside the trainer's one jitted step:
     loss(params, aux, batch, rng, step) -> (loss [], metrics {name: []}, new aux)
     value_and_grad(params, aux, batch, rng, step) -> ((loss, (metrics, aux)), grads)
     after_update(params, aux, step)    -> aux after the optimizer step (EMA updates)
-    trainable(params)                  -> bool tree (False = frozen) or None (all trained)
-    encoders(params)                   -> Encoders used by the evaluators
+    project_params(params)             -> params after `optax.apply_updates` (default
+                                          identity; e.g. clamping a temperature into its
+                                          bounds after the update, as open_clip / ALBEF do)
+    predict_fns()                      -> {name: pure fn(params, *inputs)} for the evaluators
+
+Freezing (`config.frozen`) and initialising parameters from a checkpoint (`config.init`)
+are the trainer's, for every method alike (`vlp_jax.train.freeze`, `vlp_jax.train.warm_start`).
 """
 from __future__ import annotations
 
@@ -20,22 +25,6 @@ import flax.linen as nn
 import jax
 import ml_collections
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
-
-@dataclasses.dataclass(frozen=True)
-class Encoders:
-    """Jitted, parameter-bound functions the evaluators call.
-
-    encode_image: images [B, H, W, 3] -> unit-norm embeddings [B, D].
-    encode_text: tokens [B, L] -> unit-norm embeddings [B, D].
-    score_pairs: optional, fusion models only: (images [B, H, W, 3], tokens [B, L]) -> [B]
-      match scores of the aligned pairs (e.g. the ITM head's positive logit), used for
-      re-ranking retrieval and compositional evaluation.
-    """
-
-    encode_image: Callable[[Any], jax.Array]
-    encode_text: Callable[[Any], jax.Array]
-    score_pairs: Callable[[Any, Any], jax.Array] | None = None
 
 
 @dataclasses.dataclass
@@ -69,11 +58,28 @@ class Method:
     def after_update(self, params, aux, step):
         return aux
 
-    def trainable(self, params) -> Any | None:
-        return None
+    def project_params(self, params):
+        """params -> params, applied inside the train step right after the optimizer update
+        (a projection onto the feasible set, e.g. a clamped temperature). Default: identity."""
+        return params
 
-    def encoders(self, params) -> Encoders:
-        variables = {"params": params}
-        return Encoders(
-            encode_image=jax.jit(lambda x: self.model.apply(variables, x, method="encode_image")),
-            encode_text=jax.jit(lambda t: self.model.apply(variables, t, method="encode_text")))
+    def predict_fns(self) -> dict[str, Callable[..., jax.Array]]:
+        """Named pure prediction functions, parameters first (not bound, not jitted: the
+        trainer jits each once with the parameters as an argument and mesh shardings):
+
+          encode_image(params, images [B, H, W, 3]) -> unit-norm embeddings [B, D]
+          encode_text(params, tokens int32 [B, L])  -> unit-norm embeddings [B, D]
+
+        Fusion models add `score_pairs(params, images [B, H, W, 3], tokens [B, L]) -> [B]`,
+        the match score of the aligned pairs (e.g. the ITM head's logit margin).
+        """
+        return {name: model_predict_fn(self.model, name)
+                for name in ("encode_image", "encode_text")}
+
+
+def model_predict_fn(model: nn.Module, name: str) -> Callable[..., jax.Array]:
+    """fn(params, *inputs) = model.apply({'params': params}, *inputs, method=name)."""
+    def predict(params, *inputs):
+        return model.apply({"params": params}, *inputs, method=name)
+    predict.__name__ = name
+    return predict

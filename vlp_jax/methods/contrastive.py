@@ -11,11 +11,10 @@ config.method fields:
     size); for 'sigmoid', `ring=True` selects the ppermute ring instead of the all-gather.
   unmasked_tuning_steps: FLIP's last phase: the final N of `total_steps` steps run without
     masking (0 = off); `total_steps` is linked to train.num_steps by the experiment file.
-  frozen: parameter subtrees the optimizer leaves fixed ('/'-paths under params): LiT's
-    ['image_tower', 'image_proj'] (their gradient is not even computed), or ['logit_scale']
-    for a fixed temperature.
-  warm_start: dict(workdir, params, step) copying parameter subtrees from another run's
-    checkpoint at initialisation (LiT's locked tower; `vlp_jax.train.warm_start`).
+
+LiT's locked tower and a fixed temperature are the trainer's top-level `config.init` (copy
+parameter subtrees from a checkpoint) and `config.frozen` (regexes over parameter paths),
+which work for every method.
 """
 from __future__ import annotations
 
@@ -32,7 +31,6 @@ from vlp_jax.methods.grad_cache import (grad_cache_value_and_grad,
                                         plain_accumulation_value_and_grad)
 from vlp_jax.models.vit import random_keep_ids
 from vlp_jax.parallel.sharding import shard_batch_fn
-from vlp_jax.train.warm_start import apply_warm_start, trainable_mask
 
 LOSSES = ("softmax", "sigmoid")
 ACCUMULATION = ("none", "grad_cache", "plain")
@@ -63,7 +61,6 @@ class ContrastiveMethod(Method):
         if tuning and self.config.get("total_steps", 0) <= 0:
             raise ValueError("method.unmasked_tuning_steps needs method.total_steps (link it: "
                              "config.method.total_steps = config.train.get_ref('num_steps'))")
-        self._image_locked = {"image_tower", "image_proj"} <= set(self.config.get("frozen", ()))
 
     def _loss_body(self):
         chunk = self.config.get("chunk_size", 0)
@@ -74,15 +71,6 @@ class ContrastiveMethod(Method):
             return softmax_contrastive_loss
         return ring_sigmoid_contrastive_loss if self.config.get("ring", False) \
             else sigmoid_contrastive_loss
-
-    def init_params(self, rng, batch):
-        """Fresh parameters, with `method.warm_start` subtrees copied from a checkpoint."""
-        return apply_warm_start(super().init_params(rng, batch),
-                                self.config.get("warm_start", None))
-
-    def trainable(self, params):
-        frozen = tuple(self.config.get("frozen", ()))
-        return trainable_mask(params, frozen) if frozen else None
 
     def keep_ids(self, rng, images, masked=True):
         """FLIP masking: indices of the kept patches [B, K], or None without masking."""
@@ -99,8 +87,6 @@ class ContrastiveMethod(Method):
         variables = {"params": params}
         u = self.model.apply(variables, batch["image"], self.keep_ids(rng, batch["image"], masked),
                              method="encode_image")
-        if self._image_locked:
-            u = jax.lax.stop_gradient(u)
         v = self.model.apply(variables, batch["text"], method="encode_text")
         return u, v
 

@@ -60,7 +60,7 @@ from vlp_jax.losses.mrm import (codebook_targets, kmeans_codebook, mask_patches,
                                 mrc_loss, mrfr_loss)
 from vlp_jax.losses.ot import wpa_loss
 from vlp_jax.losses.task_sampler import mix_losses
-from vlp_jax.methods.base import Encoders, Method
+from vlp_jax.methods.base import Method, model_predict_fn
 from vlp_jax.nn.patch_embed import patchify
 
 OBJECTIVES = ("mlm", "itm", "wpa", "mrfr", "mrc", "mrc_kl")
@@ -264,9 +264,6 @@ class ViltMethod(Method):
             metrics.update(m)
         return total, metrics, aux
 
-    def encoders(self, params) -> Encoders:
-        variables = {"params": params}
-        apply = lambda method: jax.jit(
-            lambda *a: self.model.apply(variables, *a, method=method))
-        return Encoders(encode_image=apply("encode_image"), encode_text=apply("encode_text"),
-                        score_pairs=apply("score_pairs"))
+    def predict_fns(self):
+        """The base encoders plus `score_pairs(params, images, tokens) -> [B]` (ITM head)."""
+        return dict(super().predict_fns(), score_pairs=model_predict_fn(self.model, "score_pairs"))

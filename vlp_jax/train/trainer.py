@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vlp_jax.config_schema import resolve
 from vlp_jax.methods.base import Method
 from vlp_jax.methods.registry import build_method
 from vlp_jax.parallel.mesh import data_parallel_size, make_mesh, to_global_batch
@@ -25,6 +26,7 @@ from vlp_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from vlp_jax.train.metrics_log import MetricWriter, to_python
 from vlp_jax.train.preemption import Preempted, PreemptionGuard
 from vlp_jax.train.optim import learning_rate_schedule, make_optimizer
+from vlp_jax.train.predict import Predictor
 from vlp_jax.train.step import init_state, make_train_step, state_shardings
 
 
@@ -45,10 +47,22 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
     if config.train.num_steps <= 0:
         raise ValueError(f"train.num_steps must be positive, got {config.train.num_steps}")
     method = config.method
+    for old, new in (("warm_start", "init (ConfigDict(workdir, step, mapping={dest: src}))"),
+                     ("frozen", "frozen (a list of regexes over '/'-joined parameter paths)")):
+        if old in method:
+            raise ValueError(f"method.{old} was replaced by the top-level config.{new}, which "
+                             f"works for every method; e.g. LiT: config.init.mapping = "
+                             f"{{'image_tower': 'image_tower', 'image_proj': 'image_proj'}}, "
+                             f"config.frozen = ['image_tower/.*', 'image_proj/.*']")
     pieces = method.get("micro_batches", 1)
     if method.get("accumulation", "none") != "none" and (pieces < 1 or (bs // dp) % pieces):
         raise ValueError(f"method.micro_batches={pieces} must divide the per-device batch "
                          f"{bs // dp} (train.batch_size={bs} over {dp} devices)")
+    for name, ev in (config.get("evals", None) or {}).items():
+        eval_bs = ev.get("batch_size", None) or 256
+        if eval_bs % dp:
+            raise ValueError(f"evals.{name}.batch_size={eval_bs} must be a multiple of the "
+                             f"data-parallel size {dp} (mesh {dict(mesh.shape)})")
     model, data = config.model, config.data
     image = model.get("image", None)
     if image is not None and "image_size" in image and image.image_size != data.image_size:
@@ -64,6 +78,7 @@ class Experiment:
     """Everything built from a config that both training and evaluation need."""
 
     def __init__(self, config: ml_collections.ConfigDict):
+        config = resolve(config)   # every key checked, declared defaults filled in
         self.config = config
         self.mesh = make_mesh(config.get("mesh", None))
         validate_config(config, self.mesh)
@@ -72,23 +87,31 @@ class Experiment:
         rng = jax.random.key(config.get("seed", 0))
         total = config.train.num_steps
         self.lr_schedule = learning_rate_schedule(config.optim, total)
+        self.frozen = tuple(config.get("frozen", None) or ())
         self.tx, self.abstract_state, self.shardings = state_shardings(
             self.method, lambda mask: make_optimizer(config.optim, total, mask), rng,
-            self.data.example_batch(config.train.batch_size), logical_rules(config.get("mesh")))
+            self.data.example_batch(1), logical_rules(config.get("mesh")), frozen=self.frozen)
+        self.predictor = Predictor(self.method.predict_fns(), self.shardings.params, self.mesh)
         self._rng = rng
 
     def new_state(self):
-        return init_state(self.method, self.tx, self._rng,
-                          self.data.example_batch(self.config.train.batch_size), self.shardings)
+        """A fresh TrainState (with `config.init` subtrees read from their checkpoint)."""
+        return init_state(self.method, self.tx, self._rng, self.data.example_batch(1),
+                          self.shardings, init=self.config.get("init", None))
 
     def restore_target(self):
         return abstract_with_shardings(self.abstract_state, self.shardings)
+
+    def predict_fns(self, params) -> dict:
+        """The evaluators' `PredictFns`: the method's prediction functions, jitted once,
+        bound to `params`."""
+        return self.predictor.bind(params)
 
     def evaluate(self, params) -> dict[str, float]:
         from vlp_jax.evaluators import run_evaluators
         if not self.config.get("evals"):
             return {}
-        return run_evaluators(self.config.evals, self.method.encoders(params),
+        return run_evaluators(self.config.evals, self.predict_fns(params),
                               self.data.load_eval_set, self.data.tokenize)
 
 
@@ -127,7 +150,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         data_iter.set_state(data_state)
     start = int(state.step)
     step_fn = make_train_step(exp.method, exp.tx, exp.shardings, tcfg.get("nonfinite", "skip"),
-                              exp.lr_schedule)
+                              exp.lr_schedule, frozen=exp.frozen)
     writer = MetricWriter(workdir)
     bar = _progress_bar(progress, start, tcfg.num_steps)
     with PreemptionGuard() as guard:
