@@ -11,17 +11,15 @@ Arguments: batch (64 or 256; any multiple of the device count works); micro (Gra
 pieces above batch 64, default batch // 64); smoke, res (as clip_shapes); steps (the
 steps at batch 128, default clip_shapes').
 """
-import os
+from vlp_jax.config_args import sibling
 
-from vlp_jax.config_args import load_config, parse_arg
-
-CLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_shapes.py")
+common = sibling(__file__)
 VARIANTS = ["batch=64", "batch=256"]
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, batch=64, micro=0, smoke=False, steps=0, res=0)
-    config = load_config(f"{CLIP}:smoke={arg.smoke},steps={arg.steps},res={arg.res}")
+    arg = common.parse(arg, batch=64, micro=0)
+    config = common.load("clip_shapes.py", arg, batch=0)   # clip_shapes' own batch (128)
     base_steps = config.train.num_steps              # at clip_shapes' batch of 128
     config.train.batch_size = arg.batch
     config.train.num_steps = max(1, base_steps * 128 // arg.batch)

@@ -9,15 +9,12 @@ so the gap is the raw one; evaluation always sees whole images).
 
 Arguments: ratio; smoke, steps, batch, res (as clip_shapes).
 """
-import os
+from vlp_jax.config_args import sibling
 
-from vlp_jax.config_args import load_config, parse_arg
-
-FLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "flip_shapes.py")
+common = sibling(__file__)
 VARIANTS = ["ratio=0", "ratio=0.5", "ratio=0.75"]
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, ratio=0.0, smoke=False, steps=0, batch=0, res=0)
-    return load_config(f"{FLIP}:ratio={arg.ratio},tuning=0,smoke={arg.smoke},steps={arg.steps},"
-                       f"batch={arg.batch},res={arg.res}")
+    arg = common.parse(arg, ratio=0.0)
+    return common.load("flip_shapes.py", arg, ratio=arg.ratio, tuning=0)

@@ -7,18 +7,15 @@ softmax variant is experiments/clip_shapes.py. Same towers, data, optimiser and 
 
 Arguments: loss ('softmax' or 'sigmoid'); smoke, steps, batch, res (as clip_shapes).
 """
-import os
+from vlp_jax.config_args import sibling
 
-from vlp_jax.config_args import load_config, parse_arg
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+common = sibling(__file__)
 FILES = {"softmax": "clip_shapes.py", "sigmoid": "siglip_shapes.py"}
 VARIANTS = ["loss=softmax", "loss=sigmoid"]
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, loss="softmax", smoke=False, steps=0, batch=0, res=0)
+    arg = common.parse(arg, loss="softmax")
     if arg.loss not in FILES:
         raise ValueError(f"ablation_loss: loss={arg.loss!r} is unknown; valid: {sorted(FILES)}")
-    return load_config(f"{os.path.join(HERE, FILES[arg.loss])}:smoke={arg.smoke},"
-                       f"steps={arg.steps},batch={arg.batch},res={arg.res}")
+    return common.load(FILES[arg.loss], arg)

@@ -9,21 +9,18 @@ Arguments: temp ('learnable' or 'fixed'); init (initial temperature, 0.07); smok
 batch, res (as clip_shapes).
 """
 import math
-import os
+from vlp_jax.config_args import sibling
 
-from vlp_jax.config_args import load_config, parse_arg
-
-CLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_shapes.py")
+common = sibling(__file__)
 VARIANTS = ["temp=learnable", "temp=fixed"]
 MODES = ("learnable", "fixed")
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, temp="learnable", init=0.07, smoke=False, steps=0, batch=0, res=0)
+    arg = common.parse(arg, temp="learnable", init=0.07)
     if arg.temp not in MODES:
         raise ValueError(f"ablation_temperature: temp={arg.temp!r} is unknown; valid: {MODES}")
-    config = load_config(f"{CLIP}:smoke={arg.smoke},steps={arg.steps},batch={arg.batch},"
-                         f"res={arg.res}")
+    config = common.load("clip_shapes.py", arg)
     config.model.logit_scale_init = math.log(1.0 / arg.init)
     config.frozen = ["logit_scale"] if arg.temp == "fixed" else []
     return config

@@ -13,18 +13,14 @@ distillation of the pooled features; `lite` keeps one view and CLIP only (A-CLIP
 Arguments: smoke, steps, batch, res (as clip_shapes); keep (fraction of patches kept, 0.5 as the
 paper); score; momentum (EMA, 0.99); lite (one view, no auxiliary losses).
 """
-import os
+from vlp_jax.config_args import sibling
 
-from vlp_jax.config_args import load_config, parse_arg
-
-CLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_shapes.py")
+common = sibling(__file__)
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, smoke=False, steps=0, batch=0, res=0, keep=0.5, score="attention",
-                    momentum=0.99, lite=False)
-    config = load_config(f"{CLIP}:smoke={arg.smoke},steps={arg.steps},batch={arg.batch},"
-                         f"res={arg.res}")
+    arg = common.parse(arg, keep=0.5, score="attention", momentum=0.99, lite=False)
+    config = common.load("clip_shapes.py", arg)
     width = config.model.image.width
     config.method.update(dict(
         name="aclip", keep_ratio=arg.keep, score=arg.score, ema_momentum=arg.momentum,

@@ -16,31 +16,24 @@ Arguments: smoke, steps, batch, res (as clip_shapes); queue (256); alpha (0.4); 
 Evaluation: ITC retrieval, ITC top-16 re-ranked by the ITM head, zero-shot classification,
 compositional swaps scored by the ITM head and by ITC.
 """
-import os
-
 import ml_collections
-from ml_collections import config_dict
 
-from vlp_jax.config_args import load_config, parse_arg
+from vlp_jax.config_args import sibling
 
-CLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_shapes.py")
+common = sibling(__file__)
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, smoke=False, steps=0, batch=0, res=0, queue=256, alpha=0.4,
-                    fusion="cross_attention")
-    config = load_config(f"{CLIP}:smoke={arg.smoke},steps={arg.steps},batch={arg.batch},"
-                         f"res={arg.res}")
+    arg = common.parse(arg, queue=256, alpha=0.4, fusion="cross_attention")
+    config = common.load("clip_shapes.py", arg)
     res = config.data.image_size
     width = 64 if arg.smoke else 128
     depth = 1 if arg.smoke else 2
     config.model = ml_collections.ConfigDict(dict(
         name="albef", embed_dim=256, fusion=arg.fusion, coattention_shared=False,
         itm_pool="text", temperature_init=0.07, dtype="float32", remat=False,
-        image=dict(type="vit", patch_size=res // 8, width=width, depth=2 * depth, num_heads=4,
-                   mlp_dim=4 * width, image_size=res, pool="cls"),
-        text=dict(width=width, depth=depth, fusion_depth=depth, num_heads=4, mlp_dim=4 * width,
-                  context_length=config.data.get_ref("text_length")),
+        image=common.vit(res, width, 2 * depth),
+        text=common.text(width, depth, config.data.get_ref("text_length"), fusion_depth=depth),
     ))
     steps_per_epoch = max(1, config.data.num_train // config.train.batch_size)
     config.method = ml_collections.ConfigDict(dict(
@@ -50,14 +43,11 @@ def get_config(arg=None):
         temperature_range=(0.001, 0.5), itc_sharded=True))
     config.optim.update(dict(lr=1e-3, weight_decay=0.02))     # ALBEF: AdamW, wd 0.02
     n = 128 if arg.smoke else 512
-    config.evals = ml_collections.ConfigDict(dict(
-        retrieval=dict(type="retrieval", split="test", max_examples=n, batch_size=128),
-        rerank=dict(type="itm_rerank_retrieval", split="test", max_examples=n, batch_size=128,
-                    k=16),
-        zeroshot=dict(type="zero_shot", split="test", batch_size=256,
-                      max_examples=config_dict.placeholder(int)),
-        compositional=dict(type="compositional", split="test", max_examples=n, batch_size=128),
-        compositional_itc=dict(type="compositional", split="test", max_examples=n,
-                               batch_size=128, use_itm=False),
-    ))
+    config.evals = common.evals(
+        retrieval=common.evaluator("retrieval", n, batch_size=128),
+        rerank=common.evaluator("itm_rerank_retrieval", n, batch_size=128, k=16),
+        zeroshot=common.evaluator("zero_shot"),
+        compositional=common.evaluator("compositional", n, batch_size=128),
+        compositional_itc=common.evaluator("compositional", n, batch_size=128, use_itm=False),
+    )
     return config

@@ -17,17 +17,14 @@ only change: the tower is swapped by config (`model.image.type='resnet'`).
 Arguments: smoke, steps, batch, res (as clip_shapes); temp (initial temperature, 0.07).
 """
 import math
-import os
+from vlp_jax.config_args import sibling
 
-from vlp_jax.config_args import load_config, parse_arg
-
-CLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_shapes.py")
+common = sibling(__file__)
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, smoke=False, steps=0, batch=0, res=0, temp=0.07)
-    config = load_config(f"{CLIP}:smoke={arg.smoke},steps={arg.steps},batch={arg.batch},"
-                         f"res={arg.res}")
+    arg = common.parse(arg, temp=0.07)
+    config = common.load("clip_shapes.py", arg)
     res = config.data.image_size
     width = config.model.text.width
     config.model.logit_scale_init = math.log(1.0 / arg.temp)
@@ -36,8 +33,7 @@ def get_config(arg=None):
         stage_sizes=[1, 1, 1] if arg.smoke else [2, 2, 2], block="basic",
         stem_kernel=3, stem_stride=2 if res >= 64 else 1, stem_pool=False,
         norm_groups=8, pool="gap")
-    config.model.text = dict(
-        width=width, depth=config.model.text.depth, num_heads=4, mlp_dim=4 * width,
-        context_length=config.data.get_ref("text_length"), causal=False, pool="cls")
+    config.model.text = common.text(width, config.model.text.depth,
+                                    config.data.get_ref("text_length"), causal=False, pool="cls")
     config.method.loss = "softmax"
     return config

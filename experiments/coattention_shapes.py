@@ -15,21 +15,18 @@ Arguments: smoke, steps, batch, res (as clip_shapes); variant:
   lxmert    one cross-attention module shared by both directions (LXMERT's cross-modality
             layer); ITM on the fused text CLS
 """
-import os
+from vlp_jax.config_args import sibling
 
-from vlp_jax.config_args import load_config, parse_arg
-
-ALBEF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "albef_shapes.py")
+common = sibling(__file__)
 
 VARIANTS = {"vilbert": dict(coattention_shared=False, itm_pool="product"),
             "lxmert": dict(coattention_shared=True, itm_pool="text")}
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, smoke=False, steps=0, batch=0, res=0, variant="vilbert")
+    arg = common.parse(arg, variant="vilbert")
     if arg.variant not in VARIANTS:
         raise ValueError(f"unknown variant {arg.variant!r}; valid: {sorted(VARIANTS)}")
-    config = load_config(f"{ALBEF}:smoke={arg.smoke},steps={arg.steps},batch={arg.batch},"
-                         f"res={arg.res},fusion=coattention")
+    config = common.load("albef_shapes.py", arg, fusion="coattention")
     config.model.update(VARIANTS[arg.variant])
     return config

@@ -12,17 +12,14 @@ masked training and unmasked evaluation); evaluation always sees whole images.
 Arguments: smoke, steps, batch, res (as clip_shapes); ratio (0.5, the paper's main setting);
 tuning (unmasked steps at the end; default 5% of the steps).
 """
-import os
+from vlp_jax.config_args import sibling
 
-from vlp_jax.config_args import load_config, parse_arg
-
-CLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_shapes.py")
+common = sibling(__file__)
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, smoke=False, steps=0, batch=0, res=0, ratio=0.5, tuning=-1)
-    config = load_config(f"{CLIP}:smoke={arg.smoke},steps={arg.steps},batch={arg.batch},"
-                         f"res={arg.res}")
+    arg = common.parse(arg, ratio=0.5, tuning=-1)
+    config = common.load("clip_shapes.py", arg)
     config.method.mask_ratio = arg.ratio
     config.method.total_steps = config.train.get_ref("num_steps")
     tuning = arg.tuning if arg.tuning >= 0 else config.train.num_steps // 20

@@ -11,17 +11,14 @@ ships all of them (plus any rewrites from `data.rewrites_path`, a JSON-lines fil
 Arguments: smoke, steps, batch, res (as clip_shapes); sampling ('uniform' | 'first');
 rewrites (path of a JSON-lines rewrite file; '' = none).
 """
-import os
+from vlp_jax.config_args import sibling
 
-from vlp_jax.config_args import load_config, parse_arg
-
-CLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_shapes.py")
+common = sibling(__file__)
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, smoke=False, steps=0, batch=0, res=0, sampling="uniform", rewrites="")
-    config = load_config(f"{CLIP}:smoke={arg.smoke},steps={arg.steps},batch={arg.batch},"
-                         f"res={arg.res}")
+    arg = common.parse(arg, sampling="uniform", rewrites="")
+    config = common.load("clip_shapes.py", arg)
     config.data.all_captions = True
     if arg.rewrites:
         config.data.rewrites_path = arg.rewrites

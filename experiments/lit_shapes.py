@@ -15,21 +15,17 @@ Arguments: smoke, steps, batch, res (as clip_shapes; the image tower must match 
 checkpoint's, so pass the same smoke/res as that run); init (the CLIP run's WORKDIR,
 default workdirs/clip_shapes); step (checkpoint step, -1 = latest).
 """
-import os
-
 import ml_collections
 
-from vlp_jax.config_args import load_config, parse_arg
+from vlp_jax.config_args import sibling
 
-CLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_shapes.py")
+common = sibling(__file__)
 LOCKED = ["image_tower", "image_proj"]
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, smoke=False, steps=0, batch=0, res=0, init="workdirs/clip_shapes",
-                    step=-1)
-    config = load_config(f"{CLIP}:smoke={arg.smoke},steps={arg.steps},batch={arg.batch},"
-                         f"res={arg.res}")
+    arg = common.parse(arg, init="workdirs/clip_shapes", step=-1)
+    config = common.load("clip_shapes.py", arg)
     config.init = ml_collections.ConfigDict(dict(
         workdir=arg.init, step=arg.step, mapping={name: name for name in LOCKED}))
     config.frozen = [f"{name}/.*" for name in LOCKED]

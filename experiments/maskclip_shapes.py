@@ -13,18 +13,15 @@ tied embedding instead).
 Arguments: smoke, steps, batch, res (as clip_shapes); mask (image mask ratio, 0.75);
 text ('distill' | 'mlm'); distance ('cosine' | 'smooth_l1'); momentum (EMA, 0.99).
 """
-import os
+from vlp_jax.config_args import sibling
 
-from vlp_jax.config_args import load_config, parse_arg
-
-CLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_shapes.py")
+common = sibling(__file__)
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, smoke=False, steps=0, batch=0, res=0, mask=0.75, text="distill",
-                    distance="cosine", momentum=0.99)
-    config = load_config(f"{CLIP}:smoke={arg.smoke},steps={arg.steps},batch={arg.batch},"
-                         f"res={arg.res}")
+    arg = common.parse(arg, mask=0.75, text="distill", distance="cosine",
+                       momentum=0.99)
+    config = common.load("clip_shapes.py", arg)
     config.method.update(dict(
         name="maskclip", mim_mask_ratio=arg.mask, mim_weight=1.0, text_weight=1.0,
         text_mask_prob=0.15, text_objective=arg.text, distance=arg.distance,

@@ -12,17 +12,14 @@ initialisation, which offsets the B^2 - B negatives at the start). Everything el
 Arguments: smoke, steps, batch, res (as clip_shapes); ring (the ppermute ring loss).
 """
 import math
-import os
+from vlp_jax.config_args import sibling
 
-from vlp_jax.config_args import load_config, parse_arg
-
-CLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_shapes.py")
+common = sibling(__file__)
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, smoke=False, steps=0, batch=0, res=0, ring=False)
-    config = load_config(f"{CLIP}:smoke={arg.smoke},steps={arg.steps},batch={arg.batch},"
-                         f"res={arg.res}")
+    arg = common.parse(arg, ring=False)
+    config = common.load("clip_shapes.py", arg)
     config.model.logit_scale_init = math.log(10.0)
     config.model.logit_bias_init = -10.0
     config.method.loss = "sigmoid"

@@ -10,18 +10,14 @@ MLP on the image tower's pooled output, weighted by `ssl_weight` (SLIP: 1.0).
 
 Arguments: smoke, steps, batch, res (as clip_shapes); ssl_weight (1.0); ssl_temperature (0.1).
 """
-import os
+from vlp_jax.config_args import sibling
 
-from vlp_jax.config_args import load_config, parse_arg
-
-CLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_shapes.py")
+common = sibling(__file__)
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, smoke=False, steps=0, batch=0, res=0, ssl_weight=1.0,
-                    ssl_temperature=0.1)
-    config = load_config(f"{CLIP}:smoke={arg.smoke},steps={arg.steps},batch={arg.batch},"
-                         f"res={arg.res}")
+    arg = common.parse(arg, ssl_weight=1.0, ssl_temperature=0.1)
+    config = common.load("clip_shapes.py", arg)
     config.data.two_views = True
     width = config.model.image.width
     config.method.update(dict(name="slip", ssl_weight=arg.ssl_weight,

@@ -35,13 +35,11 @@ training and 86% on held-out pairs against a chance of 50%; MLM 0.16 against 1/2
 Reference settings (ViLT ViT-B/32, 200k steps at batch 4096, lr 1e-4) are out of reach on CPU;
 this is the same recipe at toy scale.
 """
-import os
-
 import ml_collections
 
-from vlp_jax.config_args import load_config, parse_arg
+from vlp_jax.config_args import sibling
 
-CLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_shapes.py")
+common = sibling(__file__)
 
 VARIANTS = {
     "vilt": dict(image_cls=True, objectives=("mlm", "itm", "wpa"), mixing="sum"),
@@ -68,13 +66,11 @@ def itm_first_start_steps(variant: dict, warmup: float, num_steps: int) -> dict:
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, smoke=False, steps=0, batch=0, res=0, variant="vilt", wwm=False,
-                    itm_warmup=-1.0)
+    arg = common.parse(arg, variant="vilt", wwm=False, itm_warmup=-1.0)
     if arg.variant not in VARIANTS:
         raise ValueError(f"unknown variant {arg.variant!r}; valid: {sorted(VARIANTS)}")
     variant = dict(VARIANTS[arg.variant])
-    config = load_config(f"{CLIP}:smoke={arg.smoke},steps={arg.steps},batch={arg.batch},"
-                         f"res={arg.res}")
+    config = common.load("clip_shapes.py", arg)
     res = config.data.image_size
     width = 64 if arg.smoke else 128
     config.model = ml_collections.ConfigDict(dict(
@@ -91,13 +87,12 @@ def get_config(arg=None):
         start_steps=itm_first_start_steps(variant, arg.itm_warmup, config.train.num_steps),
         **variant))
     config.optim.update(dict(lr=1e-3, weight_decay=0.01))     # ViLT: AdamW, wd 0.01
+    n = 128 if arg.smoke else 512
     if arg.variant == "vlbert":
-        config.evals = ml_collections.ConfigDict()
+        config.evals = common.evals()
     else:
-        config.evals = ml_collections.ConfigDict(dict(
-            rerank=dict(type="itm_rerank_retrieval", split="test",
-                        max_examples=128 if arg.smoke else 512, batch_size=128, k=16),
-            compositional=dict(type="compositional", split="test",
-                               max_examples=128 if arg.smoke else 512, batch_size=128),
-        ))
+        config.evals = common.evals(
+            rerank=common.evaluator("itm_rerank_retrieval", n, batch_size=128, k=16),
+            compositional=common.evaluator("compositional", n, batch_size=128),
+        )
     return config

@@ -1,0 +1,62 @@
+"""Declared fields of `config.method`, chosen by `method.name` (see `vlp_jax.config_schema`).
+The readers are the method classes in this package; `extends` mirrors their class hierarchy
+(SLIP, LaCLIP, A-CLIP and MaskCLIP are ContrastiveMethods)."""
+from vlp_jax.config_schema import OMIT, Field, Map, Seq, declare
+
+declare(
+    "method", "contrastive",
+    loss=Field(str, "softmax", choices=("softmax", "sigmoid"), doc="'softmax' (CLIP, ALIGN) or 'sigmoid' (SigLIP)"),
+    mask_ratio=Field(float, 0.0, doc="FLIP: fraction of patches dropped"),
+    accumulation=Field(str, "none", choices=("none", "grad_cache", "plain"), doc="'none', 'grad_cache' or 'plain'"),
+    micro_batches=Field(int, 1),
+    chunk_size=Field(int, 0, doc="> 0: chunked softmax loss with column chunks of this size"),
+    ring=Field(bool, False, doc="sigmoid loss through the ppermute ring"),
+    unmasked_tuning_steps=Field(int, 0, doc="FLIP: the last N of total_steps unmasked"),
+    total_steps=Field(int, 0, doc="linked to train.num_steps by the experiment file"),
+)
+declare(
+    "method", "slip", extends="contrastive",
+    ssl_weight=Field(float, 1.0), ssl_temperature=Field(float, 0.1),
+    ssl_mlp_dim=Field(int, 256), ssl_emb_dim=Field(int, 64),
+)
+declare(
+    "method", "laclip", extends="contrastive",
+    sampling=Field(str, "uniform", choices=("uniform", "first"), doc="'uniform' caption per step, or 'first'"),
+    captions_key=Field(str, "captions"),
+)
+declare(
+    "method", "aclip", extends="contrastive",
+    keep_ratio=Field(float, 0.5),
+    score=Field(str, "attention", choices=("attention", "text", "attention_text")),
+    views=Field(int, 1, choices=(1, 2)),
+    ssl_weight=Field(float, 0.0), distill_weight=Field(float, 0.0),
+    ssl_mlp_dim=Field(int, 256), ssl_emb_dim=Field(int, 64), ssl_temperature=Field(float, 0.1),
+    ema_momentum=Field(float, 0.99),
+)
+declare(
+    "method", "maskclip", extends="contrastive",
+    mim_mask_ratio=Field(float, 0.75), mim_weight=Field(float, 1.0),
+    text_weight=Field(float, 1.0), text_mask_prob=Field(float, 0.15),
+    text_objective=Field(str, "distill", choices=("distill", "mlm"), doc="'distill' or 'mlm'"),
+    distance=Field(str, "cosine", choices=("cosine", "smooth_l1"), doc="'cosine' or 'smooth_l1'"),
+    normalize_target=Field(bool, True), decoder_depth=Field(int, 1), decoder_heads=Field(int, 2),
+    decoder_width=Field(int, OMIT, doc="default: the image tower's width"),
+    ema_momentum=Field(float, 0.99),
+)
+declare(
+    "method", "albef",
+    queue_size=Field(int, 65536), momentum=Field(float, 0.995), alpha=Field(float, 0.4),
+    alpha_ramp_steps=Field(int, 0), mlm_prob=Field(float, 0.15),
+    whole_word_masking=Field(bool, False), weights=Field(Map(float), {}),
+    temperature_range=Field(Seq(float), (0.001, 0.5)), itc_sharded=Field(bool, True),
+    exclude_duplicate_negatives=Field(bool, True),
+)
+declare(
+    "method", "vilt",
+    objectives=Field(Seq(str), ("mlm", "itm", "wpa")),
+    mixing=Field(str, "sum", choices=("sum", "sample"), doc="'sum' or 'sample' (UNITER's task sampling)"),
+    weights=Field(Map(float), {}), start_steps=Field(Map(int), {}),
+    task_ratios=Field(Map(float), {}), mlm_prob=Field(float, 0.15), mrm_prob=Field(float, 0.15),
+    whole_word_masking=Field(bool, False), mrc_temperature=Field(float, 1.0),
+    kmeans_iterations=Field(int, 10),
+)
