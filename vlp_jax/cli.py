@@ -1,4 +1,4 @@
-"""`vlp-jax` command line: train / eval / build-data for an experiment file.
+"""`vlp-jax` command line: train / eval / build-data / sweep for an experiment file.
 
     vlp-jax train --config experiments/clip_shapes.py --workdir workdirs/clip
     vlp-jax train --config experiments/clip_shapes.py:smoke --config.train.batch_size=64 ...
@@ -6,71 +6,166 @@
     vlp-jax build-data --config experiments/clip_shapes.py
     vlp-jax sweep --config experiments/ablation_flip_ratio.py[:smoke] --workdir workdirs/flip
 
-`--config path[:arg]` loads `get_config(arg)` from the file; any field can be overridden with
-`--config.a.b=value`.
+`--config path[:arg]` loads `get_config(arg)` from the file; any declared field can be
+overridden with `--config.a.b=value` (or `--config.a.b value`); the value is converted to the
+field's type. The config is then checked as a whole (`vlp_jax.config_schema.resolve`) before
+anything is built.
+
+Errors a user can cause (a missing or broken experiment argument, an unknown key or override,
+a bad value, `eval` on a workdir without checkpoints, a checkpoint of another model, `sweep`
+on a file without variants) print one line, `vlp-jax <command>: error: ...`, on stderr and
+exit with status 2 (USAGE_ERROR); a preempted run exits with `preemption.EXIT_PREEMPTED`.
 """
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import re
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
-
 COMMANDS = ("train", "eval", "build-data", "sweep")
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file (get_config).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, eval.json.")
-_NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Disable the progress bar.")
+USAGE_ERROR = 2
+_OVERRIDE = re.compile(r"^--config\.([A-Za-z_][\w.]*)(?:=(.*))?$", re.S)
 
 
-def _run(command: str) -> None:
-    config = _CONFIG.value
-    if config is None:
-        raise app.UsageError("--config is required")
+class UsageError(Exception):
+    """A problem with the command line or the config; its message is printed as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):   # one line, no usage block
+        raise UsageError(message)
+
+
+def _parser() -> _Parser:
+    p = _Parser(prog="vlp-jax", allow_abbrev=False,
+                description="Train, evaluate, sweep or build the data of an experiment file.")
+    p.add_argument("command", choices=COMMANDS)
+    p.add_argument("--config", required=True, metavar="FILE[:ARG]",
+                   help="experiment file with get_config(arg)")
+    p.add_argument("--workdir", help="directory for checkpoints, metrics, eval.json")
+    p.add_argument("--no_progress", action="store_true", help="disable the progress bar")
+    return p
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, str]]]:
+    """argv (without the program name) -> (flags, [(dotted override key, text value)])."""
+    known, rest = [], []
+    items = list(argv)
+    overrides = []
+    i = 0
+    while i < len(items):
+        m = _OVERRIDE.match(items[i])
+        if m is None:
+            known.append(items[i])
+            i += 1
+            continue
+        key, value = m.group(1), m.group(2)
+        if value is None:
+            if i + 1 >= len(items):
+                raise UsageError(f"--config.{key} needs a value")
+            value, i = items[i + 1], i + 1
+        overrides.append((key, value))
+        i += 1
+    args, rest = _parser().parse_known_args(known)
+    if rest:
+        raise UsageError(f"unrecognized arguments: {' '.join(rest)}")
+    return args, overrides
+
+
+def _one_line(error: BaseException, max_details: int = 3) -> str:
+    """The message on one line: its first line and up to `max_details` more."""
+    text = str(error).strip() or type(error).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > 1 + max_details:
+        lines = lines[:1 + max_details] + [f"... ({len(lines) - 1 - max_details} more lines)"]
+    return "; ".join(lines)
+
+
+def _has_checkpoint(workdir: str) -> bool:
+    """Whether WORKDIR/checkpoints holds a finished step directory (orbax's '<step>/')."""
+    directory = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
+def _prepare(args, overrides):
+    """Loads, overrides and checks the config (every error here is the user's)."""
+    from vlp_jax.config_args import apply_overrides, load_config, parse_overrides
+    from vlp_jax.config_schema import resolve
+    try:
+        config = load_config(args.config)
+    except FileNotFoundError as e:
+        raise UsageError(_one_line(e)) from None
+    except ValueError as e:      # get_config's argument checks (unknown experiment argument...)
+        raise UsageError(f"{args.config}: {_one_line(e)}") from None
+    typed = parse_overrides(config, overrides)
+    config = resolve(apply_overrides(config, typed))
+    if args.command != "build-data" and not args.workdir:
+        raise UsageError(f"`vlp-jax {args.command}` needs --workdir")
+    if args.command == "eval" and not _has_checkpoint(args.workdir):
+        raise UsageError(f"no checkpoint in {os.path.join(args.workdir, 'checkpoints')} to "
+                         f"evaluate (train first: vlp-jax train --config {args.config} "
+                         f"--workdir {args.workdir})")
+    if args.command in ("train", "eval"):
+        from vlp_jax.parallel.mesh import make_mesh
+        from vlp_jax.train.trainer import validate_config
+        validate_config(config, make_mesh(config.mesh))
+    return config, typed
+
+
+def _run(args, overrides) -> None:
+    from vlp_jax.config_schema import ConfigError
+    from vlp_jax.train.checkpoint import CheckpointMismatchError
+    try:
+        config, typed = _prepare(args, overrides)
+        if args.command == "sweep":
+            from vlp_jax.sweep import list_variants
+            list_variants(args.config.partition(":")[0])
+    except (ConfigError, ValueError) as e:
+        raise UsageError(_one_line(e)) from None
+
     from vlp_jax.parallel.distributed import maybe_initialize_distributed
     maybe_initialize_distributed()
-    if command == "build-data":
+    if args.command == "build-data":
         from vlp_jax.train.data_bridge import DataBridge
-        bridge = DataBridge(config.data)
-        print(f"dataset ready in {bridge.location()}")
+        print(f"dataset ready in {DataBridge(config.data).location()}")
         return
-    if not _WORKDIR.value:
-        raise app.UsageError(f"`vlp-jax {command}` needs --workdir")
     from vlp_jax.train.preemption import EXIT_PREEMPTED, Preempted
     from vlp_jax.train.trainer import evaluate_checkpoint, train_and_evaluate
-    if command == "sweep":   # every variant of an ablation file, then W/sweep.md + sweep.json
-        from vlp_jax.sweep import markdown_table, run_sweep
-        flag = flags.FLAGS["config"]
-        try:
-            rows = run_sweep(config_flags.get_config_filename(flag), _WORKDIR.value,
-                             overrides=config_flags.get_override_values(flag),
-                             progress=not _NO_PROGRESS.value)
-        except Preempted as e:
-            print(str(e), file=sys.stderr)
-            sys.exit(EXIT_PREEMPTED)
-        print(markdown_table(rows))
-        return
-    if command == "train":
-        try:
-            result = train_and_evaluate(config, _WORKDIR.value, progress=not _NO_PROGRESS.value)
-        except Preempted as e:
-            print(str(e), file=sys.stderr)
-            sys.exit(EXIT_PREEMPTED)
-    else:
-        result = evaluate_checkpoint(config, _WORKDIR.value)
+    progress = not args.no_progress
+    try:
+        if args.command == "sweep":
+            from vlp_jax.sweep import markdown_table, run_sweep
+            rows = run_sweep(args.config, args.workdir, overrides=typed, progress=progress)
+            print(markdown_table(rows))
+            return
+        if args.command == "train":
+            result = train_and_evaluate(config, args.workdir, progress=progress)
+        else:
+            try:
+                result = evaluate_checkpoint(config, args.workdir)
+            except FileNotFoundError as e:       # no checkpoint (raced with our check)
+                raise UsageError(_one_line(e)) from None
+    except Preempted as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
+    except CheckpointMismatchError as e:         # the workdir holds another model's run
+        raise UsageError(_one_line(e)) from None
     print(json.dumps(result, indent=2, sort_keys=True))
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Entry point; `argv` includes the program name (as sys.argv)."""
     argv = list(sys.argv if argv is None else argv)
-    if len(argv) < 2 or argv[1] not in COMMANDS:
-        print(f"usage: vlp-jax {{{','.join(COMMANDS)}}} --config FILE[:ARG] [--workdir DIR] "
-              f"[--config.FIELD=VALUE ...]", file=sys.stderr)
-        sys.exit(2)
-    command = argv[1]
-    app.run(lambda _: _run(command), argv=[argv[0]] + argv[2:])
+    command = argv[1] if len(argv) > 1 and argv[1] in COMMANDS else None
+    try:
+        args, overrides = parse_args(argv[1:])
+        _run(args, overrides)
+    except UsageError as e:
+        where = f"vlp-jax {command}" if command else "vlp-jax"
+        print(f"{where}: error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(USAGE_ERROR)
 
 
 if __name__ == "__main__":

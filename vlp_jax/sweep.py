@@ -19,7 +19,6 @@ W/sweep.md: one row per variant with its final training metrics and evaluation r
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -30,25 +29,16 @@ from typing import Any, Callable, Sequence
 import jax
 import ml_collections
 
+from vlp_jax.config_args import apply_overrides, load_module
 from vlp_jax.train.metrics_log import read_metrics
 
 TRAIN_COLUMNS = ("loss", "steps_per_sec")
 
 
-def _load_module(path: str):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"experiment file {path!r} does not exist")
-    name = "vlp_sweep_" + os.path.splitext(os.path.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def list_variants(path: str) -> list[str]:
     """The variants an ablation file declares: `get_sweep()`, a list `VARIANTS` of argument
     strings, or a dict `VARIANTS` of named presets -> ['variant=<name>', ...]."""
-    module = _load_module(path)
+    module = load_module(path)
     if hasattr(module, "get_sweep"):
         variants = list(module.get_sweep())
     elif isinstance(getattr(module, "VARIANTS", None), Mapping):
@@ -70,20 +60,8 @@ def variant_dirname(variant: str) -> str:
 
 def variant_config(path: str, variant: str, base_arg: str = "") -> ml_collections.ConfigDict:
     """get_config('variant,base_arg') of the ablation file."""
-    module = _load_module(path)
+    module = load_module(path)
     return module.get_config(",".join(a for a in (variant, base_arg) if a))
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
-                    ) -> ml_collections.ConfigDict:
-    """Sets dotted fields (`{'train.num_steps': 10}`, as `--config.train.num_steps=10`)."""
-    for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        node = config
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
-    return config
 
 
 def _finished(run_dir: str, num_steps: int) -> bool:
@@ -146,7 +124,8 @@ def run_sweep(spec: str, workdir: str, variants: Sequence[str] | None = None,
               progress: bool = False) -> list[dict[str, Any]]:
     """Trains every variant of `spec` ('file.py[:base_arg]') into workdir/<variant>/.
 
-    overrides: dotted fields set on every variant (the CLI's --config.a.b=v);
+    overrides: typed dotted fields set on every variant (the CLI's --config.a.b=v, converted
+      by `config_args.parse_overrides`);
     configure: optional callable editing each variant's config in place (tests use it to
       shrink models onto a tiny dataset).
     Returns the table rows (also written to workdir/sweep.json and workdir/sweep.md).
