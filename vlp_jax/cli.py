@@ -116,7 +116,9 @@ def _prepare(args, overrides):
 
 def _run(args, overrides) -> None:
     from vlp_jax.config_schema import ConfigError
+    from vlp_jax.parallel.distributed import maybe_initialize_distributed
     from vlp_jax.train.checkpoint import CheckpointMismatchError
+    maybe_initialize_distributed()     # before anything touches the devices (the mesh check)
     try:
         config, typed = _prepare(args, overrides)
         if args.command == "sweep":
@@ -125,8 +127,6 @@ def _run(args, overrides) -> None:
     except (ConfigError, ValueError) as e:
         raise UsageError(_one_line(e)) from None
 
-    from vlp_jax.parallel.distributed import maybe_initialize_distributed
-    maybe_initialize_distributed()
     if args.command == "build-data":
         from vlp_jax.train.data_bridge import DataBridge
         print(f"dataset ready in {DataBridge(config.data).location()}")
