@@ -9,33 +9,13 @@ Shapes: image_emb, text_emb [n, D] local rows (n = B / devices); G = global batc
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import jax
 import jax.numpy as jnp
 import optax
 
-AxisName = str | Sequence[str] | None
+from vlp_jax.nn.collectives import AxisName, all_gather, global_sum, row_offset
 
 MAX_LOGIT_SCALE = 100.0
-
-
-def _gather(x: jax.Array, axis_name: AxisName) -> jax.Array:
-    """[n, D] local rows -> [G, D] rows of every device, in device order (tiled all-gather)."""
-    if axis_name is None:
-        return x
-    return jax.lax.all_gather(x, axis_name, tiled=True)
-
-
-def _row_offset(n: int, axis_name: AxisName) -> jax.Array:
-    """Index of this device's first row in the global batch."""
-    if axis_name is None:
-        return jnp.zeros((), jnp.int32)
-    return jax.lax.axis_index(axis_name) * n
-
-
-def _global_sum(x: jax.Array, axis_name: AxisName) -> jax.Array:
-    return x if axis_name is None else jax.lax.psum(x, axis_name)
 
 
 def inverse_temperature(logit_scale: jax.Array, max_scale: float = MAX_LOGIT_SCALE) -> jax.Array:
@@ -56,15 +36,15 @@ def softmax_contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, logit_sc
     text_emb = text_emb.astype(jnp.float32)
     n = image_emb.shape[0]
     scale = inverse_temperature(logit_scale, max_scale)
-    labels = _row_offset(n, axis_name) + jnp.arange(n)
-    logits_i2t = scale * image_emb @ _gather(text_emb, axis_name).T   # [n, G]
-    logits_t2i = scale * text_emb @ _gather(image_emb, axis_name).T   # [n, G]
+    labels = row_offset(n, axis_name) + jnp.arange(n)
+    logits_i2t = scale * image_emb @ all_gather(text_emb, axis_name).T   # [n, G]
+    logits_t2i = scale * text_emb @ all_gather(image_emb, axis_name).T   # [n, G]
     ce = (optax.softmax_cross_entropy_with_integer_labels(logits_i2t, labels).sum()
           + optax.softmax_cross_entropy_with_integer_labels(logits_t2i, labels).sum())
     global_batch = n if axis_name is None else jax.lax.psum(n, axis_name)
-    loss = _global_sum(ce, axis_name) / (2 * global_batch)
-    acc_i2t = _global_sum(jnp.sum(jnp.argmax(logits_i2t, -1) == labels), axis_name) / global_batch
-    acc_t2i = _global_sum(jnp.sum(jnp.argmax(logits_t2i, -1) == labels), axis_name) / global_batch
+    loss = global_sum(ce, axis_name) / (2 * global_batch)
+    acc_i2t = global_sum(jnp.sum(jnp.argmax(logits_i2t, -1) == labels), axis_name) / global_batch
+    acc_t2i = global_sum(jnp.sum(jnp.argmax(logits_t2i, -1) == labels), axis_name) / global_batch
     return loss, dict(itc_acc_i2t=acc_i2t, itc_acc_t2i=acc_t2i, inv_temperature=scale)
 
 
@@ -81,11 +61,11 @@ def sigmoid_contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, logit_sc
     n = image_emb.shape[0]
     scale = inverse_temperature(logit_scale, max_scale)
     bias = logit_bias.astype(jnp.float32)
-    all_text = _gather(text_emb, axis_name)                              # [G, D]
+    all_text = all_gather(text_emb, axis_name)                              # [G, D]
     logits = scale * image_emb @ all_text.T + bias                      # [n, G]
-    labels = _row_offset(n, axis_name) + jnp.arange(n)
+    labels = row_offset(n, axis_name) + jnp.arange(n)
     z = 2.0 * jax.nn.one_hot(labels, all_text.shape[0]) - 1.0
     global_batch = all_text.shape[0]
-    loss = -_global_sum(jnp.sum(jax.nn.log_sigmoid(z * logits)), axis_name) / global_batch
-    acc = _global_sum(jnp.sum(jnp.argmax(logits, -1) == labels), axis_name) / global_batch
+    loss = -global_sum(jnp.sum(jax.nn.log_sigmoid(z * logits)), axis_name) / global_batch
+    acc = global_sum(jnp.sum(jnp.argmax(logits, -1) == labels), axis_name) / global_batch
     return loss, dict(itc_acc_i2t=acc, inv_temperature=scale, logit_bias=bias)

@@ -17,8 +17,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from vlp_jax.losses.contrastive import (AxisName, MAX_LOGIT_SCALE, _gather, _global_sum,
-                                        inverse_temperature)
+from vlp_jax.losses.contrastive import MAX_LOGIT_SCALE, inverse_temperature
+from vlp_jax.nn.collectives import AxisName, all_gather, global_sum
 
 
 def _chunks(x: jax.Array, chunk_size: int) -> jax.Array:
@@ -60,11 +60,11 @@ def chunked_softmax_contrastive_loss(image_emb: jax.Array, text_emb: jax.Array,
     u = image_emb.astype(jnp.float32)
     v = text_emb.astype(jnp.float32)
     scale = inverse_temperature(logit_scale, max_scale)
-    all_u, all_v = _gather(u, axis_name), _gather(v, axis_name)
+    all_u, all_v = all_gather(u, axis_name), all_gather(v, axis_name)
     positive = scale * jnp.sum(u * v, axis=-1)                                   # [n]
     lse_i2t = blockwise_logsumexp(u, all_v, scale, min(chunk_size, all_v.shape[0]))
     lse_t2i = blockwise_logsumexp(v, all_u, scale, min(chunk_size, all_u.shape[0]))
-    total = _global_sum(jnp.sum(lse_i2t - positive) + jnp.sum(lse_t2i - positive), axis_name)
+    total = global_sum(jnp.sum(lse_i2t - positive) + jnp.sum(lse_t2i - positive), axis_name)
     return total / (2 * all_u.shape[0]), dict(inv_temperature=scale)
 
 
@@ -100,5 +100,5 @@ def ring_sigmoid_contrastive_loss(image_emb: jax.Array, text_emb: jax.Array,
 
         (_, total), _ = jax.lax.scan(hop, (v, total), None, length=hops - 1)
     global_batch = n * hops
-    return _global_sum(total, axis_name) / global_batch, dict(inv_temperature=scale,
+    return global_sum(total, axis_name) / global_batch, dict(inv_temperature=scale,
                                                               logit_bias=bias)

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from vlp_jax.losses.contrastive import AxisName, _global_sum, _row_offset
+from vlp_jax.nn.collectives import AxisName, global_sum, row_offset
 
 NEG_INF = -1e9   # finite "minus infinity" for masked logits (0 * NEG_INF stays 0)
 
@@ -119,7 +119,7 @@ def itc_with_queue(image_feat: jax.Array, text_feat: jax.Array, image_feat_m_all
     """
     n = image_feat.shape[0]
     g = image_feat_m_all.shape[0]
-    rows = _row_offset(n, axis_name) + jnp.arange(n)
+    rows = row_offset(n, axis_name) + jnp.arange(n)
     inv_tau = 1.0 / jnp.asarray(temperature, jnp.float32)
     alpha = jnp.asarray(alpha, jnp.float32)
     sg = lambda x: jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
@@ -140,6 +140,6 @@ def itc_with_queue(image_feat: jax.Array, text_feat: jax.Array, image_feat_m_all
     ce_i2t, hit_i2t = direction(image_feat, image_m_all[rows], text_bank)
     ce_t2i, hit_t2i = direction(text_feat, text_m_all[rows], image_bank)
     global_batch = n if axis_name is None else jax.lax.psum(n, axis_name)
-    loss = _global_sum(ce_i2t + ce_t2i, axis_name) / (2 * global_batch)
-    return loss, dict(itc_acc_i2t=_global_sum(hit_i2t, axis_name) / global_batch,
-                      itc_acc_t2i=_global_sum(hit_t2i, axis_name) / global_batch)
+    loss = global_sum(ce_i2t + ce_t2i, axis_name) / (2 * global_batch)
+    return loss, dict(itc_acc_i2t=global_sum(hit_i2t, axis_name) / global_batch,
+                      itc_acc_t2i=global_sum(hit_t2i, axis_name) / global_batch)

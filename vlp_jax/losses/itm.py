@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vlp_jax.losses.contrastive import AxisName, _row_offset
+from vlp_jax.nn.collectives import AxisName, row_offset
 
 
 def _device_key(rng: jax.Array, axis_name: AxisName) -> jax.Array:
@@ -68,7 +68,7 @@ def hard_negative_indices(rng: jax.Array, sim_i2t: jax.Array, sim_t2i: jax.Array
         raise ValueError(f"sim_i2t {sim_i2t.shape} and sim_t2i {sim_t2i.shape} must match")
     if sim_i2t.shape[1] < 2:
         raise ValueError("hard negatives need a global batch of at least 2 samples")
-    positive = _row_offset(n, axis_name) + jnp.arange(n)
+    positive = row_offset(n, axis_name) + jnp.arange(n)
     k_text, k_image = jax.random.split(_device_key(rng, axis_name))
     return (_sample_excluding_positive(k_text, sim_i2t, positive),
             _sample_excluding_positive(k_image, sim_t2i, positive))

@@ -16,7 +16,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from vlp_jax.models.dual_encoder import l2_normalize
+from vlp_jax.nn.collectives import l2_normalize
 
 DISTANCES = ("cosine", "smooth_l1")
 

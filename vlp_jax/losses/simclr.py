@@ -20,8 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vlp_jax.losses.contrastive import AxisName, _gather, _global_sum, _row_offset
-from vlp_jax.models.dual_encoder import l2_normalize
+from vlp_jax.nn.collectives import AxisName, all_gather, global_sum, l2_normalize, row_offset
 
 NEG_INF = -1e9   # finite "minus infinity": masked logits, safe under autodiff
 
@@ -43,9 +42,9 @@ def nt_xent_loss(view1: jax.Array, view2: jax.Array, temperature: float = 0.1,
         raise ValueError(f"NT-Xent temperature must be positive, got {temperature}")
     z1, z2 = l2_normalize(view1), l2_normalize(view2)
     n = z1.shape[0]
-    all1, all2 = _gather(z1, axis_name), _gather(z2, axis_name)         # [G, D] each
+    all1, all2 = all_gather(z1, axis_name), all_gather(z2, axis_name)         # [G, D] each
     g = all1.shape[0]
-    rows = _row_offset(n, axis_name) + jnp.arange(n)                    # global ids [n]
+    rows = row_offset(n, axis_name) + jnp.arange(n)                    # global ids [n]
     self_mask = jax.nn.one_hot(rows, g, dtype=bool)                      # [n, G]
 
     def anchor_ce(z, same_view, other_view):
@@ -59,6 +58,6 @@ def nt_xent_loss(view1: jax.Array, view2: jax.Array, temperature: float = 0.1,
 
     ce1, hit1 = anchor_ce(z1, all1, all2)
     ce2, hit2 = anchor_ce(z2, all2, all1)
-    loss = _global_sum(ce1 + ce2, axis_name) / (2 * g)
-    acc = _global_sum(hit1 + hit2, axis_name) / (2 * g)
+    loss = global_sum(ce1 + ce2, axis_name) / (2 * g)
+    acc = global_sum(hit1 + hit2, axis_name) / (2 * g)
     return loss, dict(ssl_acc=acc)

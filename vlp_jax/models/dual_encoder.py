@@ -6,19 +6,17 @@ The contrastive losses score s_ij = exp(t) * <u_i, v_j> (+ b for SigLIP), t = `l
 """
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from vlp_jax.nn.partitioning import dense_init, logical
+from vlp_jax.models.registry import (build_image_tower, model_dtype, register_model,
+                                     stack_kwargs)
+from vlp_jax.models.text import build_text
+from vlp_jax.nn.collectives import l2_normalize
+from vlp_jax.nn.heads import projection
+from vlp_jax.nn.partitioning import logical
 
-
-def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-    """x / ||x|| along the last axis, computed in float32."""
-    x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+__all__ = ["DualEncoder", "build_dual_encoder", "l2_normalize"]   # l2_normalize: old import site
 
 
 class DualEncoder(nn.Module):
@@ -39,10 +37,8 @@ class DualEncoder(nn.Module):
     logit_bias_init: float | None = None
 
     def setup(self):
-        self.image_proj = nn.Dense(self.embed_dim, use_bias=False,
-                                   kernel_init=dense_init(("embed", "proj")))
-        self.text_proj = nn.Dense(self.embed_dim, use_bias=False,
-                                  kernel_init=dense_init(("embed", "proj")))
+        self.image_proj = projection(self.embed_dim)
+        self.text_proj = projection(self.embed_dim)
         self.logit_scale = self.param(
             "logit_scale", logical(nn.initializers.constant(self.logit_scale_init), ()), ())
         if self.logit_bias_init is not None:
@@ -67,3 +63,16 @@ class DualEncoder(nn.Module):
         if self.logit_bias_init is not None:
             out["logit_bias"] = self.logit_bias.astype(jnp.float32)
         return out
+
+
+@register_model("dual_encoder")
+def build_dual_encoder(cfg, vocab: dict) -> DualEncoder:
+    """model.name='dual_encoder': image (a tower config), text, embed_dim, logit_scale_init,
+    logit_bias_init, dtype and the stack options (remat, remat_policy, scan_layers,
+    attention_implementation, dropout_rate) for both towers."""
+    dtype, stack = model_dtype(cfg), stack_kwargs(cfg)
+    return DualEncoder(image_tower=build_image_tower(cfg.image, dtype, **stack),
+                       text_tower=build_text(cfg.text, vocab, dtype, **stack),
+                       embed_dim=cfg.embed_dim,
+                       logit_scale_init=cfg.get("logit_scale_init", 2.6592600369262695),
+                       logit_bias_init=cfg.get("logit_bias_init", None))

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from vlp_jax.models.coattention import CoAttentionEncoder
 from vlp_jax.models.dual_encoder import l2_normalize
 from vlp_jax.models.single_stream import HeadTransform, itm_head, match_score
+from vlp_jax.models.registry import register_model
 from vlp_jax.nn.attention import make_attention_mask
 from vlp_jax.nn.partitioning import dense_init, logical, zeros
 from vlp_jax.nn.patch_embed import PositionEmbedding
@@ -165,6 +166,7 @@ class FusionModel(nn.Module):
                     temperature=jnp.exp(self.log_temperature.astype(jnp.float32)))
 
 
+@register_model("albef")
 def build_fusion_model(cfg, vocab: dict) -> FusionModel:
     """model.name='albef': image (an image tower config), text.{width, depth, fusion_depth,
     num_heads, mlp_dim, context_length}, embed_dim, fusion, coattention_shared, itm_pool,

@@ -26,8 +26,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vlp_jax.models.registry import register_image_tower
 from vlp_jax.nn.partitioning import logical, ones, zeros
 from vlp_jax.nn.pooling import AttentionPool, masked_mean
+from vlp_jax.nn.transformer import remat_policy
 
 BLOCKS = ("basic", "bottleneck")
 POOLS = ("gap", "map")
@@ -126,6 +128,8 @@ class ResNet(nn.Module):
     pool: str = "gap"
     remat: bool = False
     dtype: Any = jnp.float32
+    remat_policy: str = "nothing_saveable"
+    attention_implementation: str | None = None
 
     @nn.compact
     def __call__(self, images, keep_ids=None):
@@ -142,7 +146,8 @@ class ResNet(nn.Module):
                     name="stem")(images.astype(self.dtype))
         if self.stem_pool:
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
-        unit_cls = nn.remat(ResidualUnit) if self.remat else ResidualUnit
+        unit_cls = (nn.remat(ResidualUnit, policy=remat_policy(self.remat_policy)) if self.remat
+                    else ResidualUnit)
         expansion = 4 if self.block == "bottleneck" else 1
         for i, size in enumerate(self.stage_sizes):
             for j in range(size):
@@ -155,14 +160,26 @@ class ResNet(nn.Module):
         if self.pool == "gap":
             pooled = masked_mean(tokens)
         else:
-            pooled = AttentionPool(max(c // 64, 1), 4 * c, self.dtype, name="map")(tokens)
+            pooled = AttentionPool(max(c // 64, 1), 4 * c, self.dtype, self.attention_implementation,
+                                   name="map")(tokens)
         return pooled, tokens
 
 
-def build_resnet(cfg, dtype=jnp.float32, remat=False) -> ResNet:
-    """`model.image` section -> ResNet (registered as image tower type 'resnet')."""
+@register_image_tower("resnet")
+def build_resnet(cfg, dtype=jnp.float32, remat=False, remat_policy="nothing_saveable",
+                 scan_layers=False, attention_implementation=None, dropout_rate=0.0) -> ResNet:
+    """`model.image` section -> ResNet (registered as image tower type 'resnet').
+
+    The stack options are the model's (shared with its text tower): remat / remat_policy
+    apply to the residual units, attention_implementation to the MAP pool, scan_layers only
+    to the transformer towers (residual stages are not identical layers); dropout_rate must be 0.
+    """
+    del scan_layers
+    if dropout_rate:
+        raise ValueError("the ResNet image tower has no dropout; model.dropout_rate must be 0")
     return ResNet(width=cfg.width, stage_sizes=tuple(cfg.stage_sizes), image_size=cfg.image_size,
                   block=cfg.get("block", "basic"), stem_kernel=cfg.get("stem_kernel", 3),
                   stem_stride=cfg.get("stem_stride", 1), stem_pool=cfg.get("stem_pool", False),
                   norm_groups=cfg.get("norm_groups", 8), pool=cfg.get("pool", "gap"),
-                  remat=remat, dtype=dtype)
+                  remat=remat, dtype=dtype, remat_policy=remat_policy,
+                  attention_implementation=attention_implementation)

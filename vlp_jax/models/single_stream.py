@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from vlp_jax.models.dual_encoder import l2_normalize
+from vlp_jax.models.registry import register_model
 from vlp_jax.nn.attention import make_attention_mask
 from vlp_jax.nn.partitioning import dense_init, layer_norm, logical, zeros
 from vlp_jax.nn.patch_embed import PatchEmbed, PositionEmbedding
@@ -246,6 +247,7 @@ class SingleStreamTransformer(nn.Module):
         return out
 
 
+@register_model("single_stream")
 def build_single_stream(cfg, vocab: dict) -> SingleStreamTransformer:
     """model.name='single_stream': width, depth, num_heads, mlp_dim, image.{image_size,
     patch_size}, text.context_length, image_cls, type_embeddings, num_mrc_classes, dtype, remat."""

@@ -1,7 +1,18 @@
-"""Multi-head dot-product attention (self- or cross-), with logical axis annotations.
+"""Multi-head dot-product attention (self- or cross-), mask helpers, and a decoding cache.
 
 Implements Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k) + mask) V of Vaswani et al. (2017),
 eq. 1, with h heads projected from and back to the model width.
+
+The product goes through `jax.nn.dot_product_attention` (its `implementation`: None lets JAX
+choose, 'xla', or 'cudnn' for cuDNN flash attention on GPUs); only when the caller asks for the
+attention probabilities (`return_weights=True`: A-CLIP's token scores, alignment maps) is the
+explicit einsum + softmax path used, since the fused kernels never materialise them.
+
+Masks are bool, True = may attend, broadcastable to [B, h, Q, K]:
+  make_attention_mask(q_valid, k_valid)   padding
+  causal_mask(L)                          position i sees positions <= i (decoders, CLIP text)
+  prefix_mask(L, prefix_len)              bidirectional over a prefix, causal after it (SimVLM's
+                                          PrefixLM; prefix_len [B] per example)
 """
 from __future__ import annotations
 
@@ -12,6 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from vlp_jax.nn.partitioning import dense_init, zeros
+
+IMPLEMENTATIONS = (None, "xla", "cudnn")
 
 
 def make_attention_mask(query_valid: jax.Array, key_valid: jax.Array) -> jax.Array:
@@ -24,26 +37,91 @@ def causal_mask(length: int) -> jax.Array:
     return jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
 
 
+def prefix_mask(length: int, prefix_len: jax.Array | int) -> jax.Array:
+    """PrefixLM mask (SimVLM, Wang et al. 2022): bool [B|1, 1, L, L].
+
+    Query i may attend key j iff j <= i (causal) or j < prefix_len (the prefix is seen
+    bidirectionally by every position). prefix_len: int or int [B].
+    """
+    prefix_len = jnp.asarray(prefix_len, jnp.int32).reshape(-1, 1, 1, 1)
+    i = jnp.arange(length)[None, None, :, None]
+    j = jnp.arange(length)[None, None, None, :]
+    return (j <= i) | (j < prefix_len)
+
+
+def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """softmax(q k^T / sqrt(d) masked): q [B, Q, h, d], k [B, K, h, d] -> float32 [B, h, Q, K].
+
+    A row whose keys are all masked gets uniform weights (the finfo.min fill), as the fused
+    path does.
+    """
+    scale = 1.0 / jnp.sqrt(jnp.asarray(q.shape[-1], jnp.float32))
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(logits, axis=-1)
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention.
 
     Attributes:
       num_heads: number of heads h; the per-head dim is width // h.
       dtype: compute dtype (parameters stay float32).
+      implementation: `jax.nn.dot_product_attention`'s implementation (None, 'xla', 'cudnn').
+      decode: incremental decoding (self-attention only). The keys and values of every step
+        are kept in the 'cache' collection (`cached_key`, `cached_value` [B, max_decode_length,
+        h, d], `cache_index` []); a call with Q new tokens writes them at cache_index, attends
+        causally over everything written so far and advances the index by Q. The cache is
+        created (zeros, index 0) by `init` with decode=True and must be passed back mutable:
+        `apply({'params': p, 'cache': c}, x, mutable=['cache'])`.
+      max_decode_length: the cache length (the longest sequence that can be decoded).
 
     Call:
       inputs_q: [B, Q, W]; inputs_kv: [B, K, W'] (defaults to inputs_q: self-attention).
-      mask: optional bool broadcastable to [B, h, Q, K]; True = may attend.
-      return_weights: also return the attention probabilities [B, h, Q, K] (float32).
+      mask: optional bool broadcastable to [B, h, Q, K]; True = may attend. In decode mode K is
+        max_decode_length and the causal part over absolute positions is added here.
+      return_weights: also return the attention probabilities [B, h, Q, K] (float32), computed
+        by the explicit einsum + softmax path.
     Returns:
       [B, Q, W] (and the weights if asked).
     """
 
     num_heads: int
     dtype: Any = jnp.float32
+    implementation: str | None = None
+    decode: bool = False
+    max_decode_length: int = 0
+
+    def _update_cache(self, k, v, mask):
+        """Writes k, v [B, Q, h, d] at cache_index; returns all cached k, v and the mask."""
+        b, q_len, h, d = k.shape
+        if self.max_decode_length < 1:
+            raise ValueError("MultiHeadAttention(decode=True) needs max_decode_length >= 1")
+        initialized = self.has_variable("cache", "cached_key")
+        shape = (b, self.max_decode_length, h, d)
+        cached_k = self.variable("cache", "cached_key", jnp.zeros, shape, k.dtype)
+        cached_v = self.variable("cache", "cached_value", jnp.zeros, shape, v.dtype)
+        index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+        if not initialized:      # init: shape the cache, attend over the given tokens only
+            return k, v, mask
+        i = index.value
+        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, i, 0, 0))
+        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, i, 0, 0))
+        index.value = i + q_len
+        q_pos = i + jnp.arange(q_len)
+        step_mask = (jnp.arange(self.max_decode_length)[None, :] <= q_pos[:, None])[None, None]
+        mask = step_mask if mask is None else mask & step_mask
+        return cached_k.value, cached_v.value, mask
 
     @nn.compact
     def __call__(self, inputs_q, inputs_kv=None, mask=None, return_weights=False):
+        if self.implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, "
+                             f"got {self.implementation!r}")
+        if self.decode and inputs_kv is not None:
+            raise ValueError("decode=True caches self-attention only; cross-attention keys "
+                             "come from a fixed context and need no cache")
         inputs_kv = inputs_q if inputs_kv is None else inputs_kv
         width = inputs_q.shape[-1]
         if width % self.num_heads:
@@ -56,14 +134,16 @@ class MultiHeadAttention(nn.Module):
                 kernel_init=dense_init(("embed", "heads", "kv")),
                 bias_init=zeros(("heads", "kv")))(x)
 
-        q = proj("query", inputs_q) / jnp.sqrt(head_dim).astype(self.dtype)
-        k = proj("key", inputs_kv)
-        v = proj("value", inputs_kv)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
-        if mask is not None:
-            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(logits, axis=-1)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v)
+        q, k, v = proj("query", inputs_q), proj("key", inputs_kv), proj("value", inputs_kv)
+        if self.decode:
+            k, v, mask = self._update_cache(k, v, mask)
+        weights = None
+        if return_weights:
+            weights = attention_weights(q, k, mask)
+            out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask,
+                                               implementation=self.implementation)
         out = nn.DenseGeneral(
             width, axis=(-2, -1), dtype=self.dtype, name="out",
             kernel_init=dense_init(("heads", "kv", "embed")),

@@ -44,6 +44,7 @@ class AttentionPool(nn.Module):
     num_heads: int
     mlp_dim: int
     dtype: Any = jnp.float32
+    implementation: str | None = None
 
     @nn.compact
     def __call__(self, x):
@@ -51,6 +52,6 @@ class AttentionPool(nn.Module):
         probe = self.param("probe", logical(nn.initializers.xavier_uniform(), (None, None, "embed")),
                            (1, 1, width))
         probe = jnp.broadcast_to(probe, (x.shape[0], 1, width)).astype(x.dtype)
-        y = MultiHeadAttention(self.num_heads, self.dtype, name="attn")(probe, x)
+        y = MultiHeadAttention(self.num_heads, self.dtype, self.implementation, name="attn")(probe, x)
         y = y + MlpBlock(self.mlp_dim, self.dtype, name="mlp")(layer_norm("ln", self.dtype)(y))
         return y[:, 0]
