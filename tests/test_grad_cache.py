@@ -41,7 +41,7 @@ def test_grad_cache_equals_full_batch_gradient_on_8_devices(loss):
     mesh = make_mesh()
     ref_loss, ref = _grads(mesh, "none", 1, loss)
     gc_loss, gc = _grads(mesh, "grad_cache", 2, loss)
-    assert abs(ref_loss - gc_loss) < 1e-5
+    assert abs(ref_loss - gc_loss) < 1e-5 * max(1.0, abs(ref_loss))
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(gc)):
         _assert_grads_close(b, a)
 

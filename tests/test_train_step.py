@@ -56,7 +56,8 @@ def test_one_device_and_eight_devices_agree():
         for _ in range(3):
             state, metrics = step(state, to_global_batch(batch, mesh))
         results.append((float(metrics["loss"]), jax.device_get(state.params)))
-    assert abs(results[0][0] - results[1][0]) < 1e-5
+    # float32 loss (~3) reduced in another order on 8 shards: 1e-5 relative, not absolute.
+    assert abs(results[0][0] - results[1][0]) < 1e-5 * max(1.0, abs(results[0][0]))
     for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
@@ -100,7 +101,7 @@ def test_fsdp_and_tensor_parallel_layouts_match_data_parallel():
     ref_params = jax.device_get(ref.params)
     for axes in ({"fsdp": 8}, {"data": 4, "model": 2}, {"data": 2, "fsdp": 2, "model": 2}):
         loss, state = _params_after_steps(axes)
-        assert abs(loss - ref_loss) < 1e-5, axes
+        assert abs(loss - ref_loss) < 1e-5 * max(1.0, abs(ref_loss)), axes
         for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(jax.device_get(state.params))):
             np.testing.assert_allclose(b, a, atol=1e-5)
         # The layout really is applied: a large kernel and its Adam moment are split.
