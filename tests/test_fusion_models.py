@@ -10,6 +10,7 @@ import pytest
 from vlp_jax.models.coattention import CoAttentionBlock
 from vlp_jax.models.registry import build_model
 from vlp_jax.models.single_stream import patch_mask_to_pixels
+from vlp_jax.nn.heads import HeadTransform
 from vlp_jax.nn.patch_embed import patchify
 from tests.helpers import albef_cfg, single_cfg
 
@@ -66,7 +67,7 @@ def test_single_stream_shapes_and_finiteness(image_cls, types):
     chex.assert_shape([out["mlm_logits"], out["mrfr"], out["mrc_logits"]],
                       [(2, 8, 40), (2, 16, 48), (2, 16, 5)])
     chex.assert_tree_all_finite(out)
-    assert ("type_embed" in variables["params"]) == types
+    assert ("type_embedding" in variables["params"]["token_embed"]) == types
     assert ("image_cls" in variables["params"]) == image_cls
 
 
@@ -101,16 +102,16 @@ def test_masked_patches_are_zeroed_before_the_projection():
 def test_mrfr_head_is_tied_to_the_patch_projection():
     model, variables = _built("single_True", single_cfg())
     params = variables["params"]
-    assert set(params["mrfr_transform"]) == {"dense", "ln"}     # no own output kernel
+    assert set(params["mrfr_head"]) == {"transform", "bias"}    # no own output kernel
     h = jax.random.normal(jax.random.key(3), (2, 16, 32))
     pred = _apply(model, variables, h, method="mrfr_pred")
-    t = _apply(model, variables, h, method=lambda m, x: m.mrfr_transform(x))
+    t = HeadTransform().apply({"params": params["mrfr_head"]["transform"]}, h)
     kernel = params["patch_embed"]["proj"]["kernel"]
-    np.testing.assert_allclose(pred, t @ kernel.T + params["mrfr_bias"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(pred, t @ kernel.T + params["mrfr_head"]["bias"], rtol=1e-5, atol=1e-5)
     bumped = jax.tree.map(lambda x: x, params)
     bumped["patch_embed"]["proj"]["kernel"] = kernel * 2.0
     pred2 = _apply(model, {"params": bumped}, h, method="mrfr_pred")
-    np.testing.assert_allclose(pred2, 2 * (t @ kernel.T) + params["mrfr_bias"], rtol=1e-5,
+    np.testing.assert_allclose(pred2, 2 * (t @ kernel.T) + params["mrfr_head"]["bias"], rtol=1e-5,
                                atol=1e-5)
 
 

@@ -23,12 +23,13 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from vlp_jax.models.coattention import CoAttentionEncoder
-from vlp_jax.models.dual_encoder import l2_normalize
-from vlp_jax.models.single_stream import HeadTransform, itm_head, match_score
-from vlp_jax.models.registry import register_model
+from vlp_jax.models.registry import (build_image_tower, model_dtype, register_model,
+                                     stack_kwargs)
 from vlp_jax.nn.attention import make_attention_mask
-from vlp_jax.nn.partitioning import dense_init, logical, zeros
-from vlp_jax.nn.patch_embed import PositionEmbedding
+from vlp_jax.nn.collectives import l2_normalize
+from vlp_jax.nn.embed import TokenEmbedding
+from vlp_jax.nn.heads import PredictionHead, itm_head, match_score, projection
+from vlp_jax.nn.partitioning import logical
 from vlp_jax.nn.transformer import Encoder
 
 FUSIONS = ("cross_attention", "coattention")
@@ -48,6 +49,8 @@ class FusionModel(nn.Module):
       itm_pool: 'text' (fused text CLS) or 'product' (fused text CLS * fused image CLS; needs
         the co-attention fusion and Wv == W).
       temperature_init: initial ITC temperature (stored as its logarithm).
+      remat, remat_policy, scan_layers, attention_implementation, dropout_rate, deterministic:
+        stack options of the text and fusion encoders (the image tower has its own copy).
     """
 
     image_tower: nn.Module
@@ -66,6 +69,11 @@ class FusionModel(nn.Module):
     temperature_init: float = 0.07
     remat: bool = False
     dtype: Any = jnp.float32
+    remat_policy: str = "nothing_saveable"
+    scan_layers: bool = False
+    attention_implementation: str | None = None
+    dropout_rate: float = 0.0
+    deterministic: bool = True
 
     def setup(self):
         if self.fusion not in FUSIONS:
@@ -75,32 +83,27 @@ class FusionModel(nn.Module):
         if self.itm_pool == "product" and self.fusion != "coattention":
             raise ValueError("model.itm_pool='product' needs model.fusion='coattention' (the image "
                              "stream is only updated by co-attention)")
-        self.token_embed = nn.Embed(
-            self.vocab_size, self.width, dtype=self.dtype,
-            embedding_init=logical(nn.initializers.normal(0.02), ("vocab", "embed")))
-        self.text_pos = PositionEmbedding(self.context_length)
-        self.text_encoder = Encoder(self.text_depth, self.num_heads, self.mlp_dim,
-                                    remat=self.remat, dtype=self.dtype)
+        stack = dict(remat=self.remat, dtype=self.dtype, remat_policy=self.remat_policy,
+                     scan_layers=self.scan_layers, dropout_rate=self.dropout_rate,
+                     attention_implementation=self.attention_implementation)
+        self.token_embed = TokenEmbedding(self.vocab_size, self.width, self.context_length,
+                                          dtype=self.dtype)
+        self.text_encoder = Encoder(self.text_depth, self.num_heads, self.mlp_dim, **stack)
         if self.fusion == "cross_attention":
             self.fusion_encoder = Encoder(self.fusion_depth, self.num_heads, self.mlp_dim,
-                                          cross_attention_every=1, remat=self.remat,
-                                          dtype=self.dtype)
+                                          cross_attention_every=1, **stack)
         else:
-            self.fusion_encoder = CoAttentionEncoder(self.fusion_depth, self.num_heads,
-                                                     self.mlp_dim, self.coattention_shared,
-                                                     self.remat, self.dtype)
-        self.image_proj = nn.Dense(self.embed_dim, dtype=self.dtype,
-                                   kernel_init=dense_init(("embed", "proj")),
-                                   bias_init=zeros(("proj",)))
-        self.text_proj = nn.Dense(self.embed_dim, dtype=self.dtype,
-                                  kernel_init=dense_init(("embed", "proj")),
-                                  bias_init=zeros(("proj",)))
+            self.fusion_encoder = CoAttentionEncoder(
+                self.fusion_depth, self.num_heads, self.mlp_dim, self.coattention_shared,
+                deterministic=self.deterministic, **stack)
+        self.image_proj = projection(self.embed_dim, use_bias=True, dtype=self.dtype)
+        self.text_proj = projection(self.embed_dim, use_bias=True, dtype=self.dtype)
         self.log_temperature = self.param(
             "log_temperature",
             logical(nn.initializers.constant(math.log(self.temperature_init)), ()), ())
         self.itm_head = itm_head(self.dtype)
-        self.mlm_transform = HeadTransform(self.dtype)
-        self.mlm_bias = self.param("mlm_bias", zeros(("vocab",)), (self.vocab_size,))
+        self.mlm_head = PredictionHead(self.vocab_size, tied=True, bias_axis="vocab",
+                                       dtype=self.dtype)
 
     # ---- unimodal encoders ------------------------------------------------------------------
     def image_features(self, images):
@@ -113,8 +116,8 @@ class FusionModel(nn.Module):
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [B, L], got shape {tokens.shape}")
         valid = tokens != self.pad_id
-        x = self.text_pos(self.token_embed(tokens))
-        x = self.text_encoder(x, mask=make_attention_mask(valid, valid))
+        x = self.text_encoder(self.token_embed(tokens), mask=make_attention_mask(valid, valid),
+                              deterministic=self.deterministic)
         return l2_normalize(self.text_proj(x[:, 0])), x, valid
 
     def encode_image(self, images):
@@ -133,7 +136,8 @@ class FusionModel(nn.Module):
         if self.fusion == "cross_attention":
             ctx_mask = make_attention_mask(text_valid, jnp.ones(image_tokens.shape[:2], bool))
             return self.fusion_encoder(text_tokens, make_attention_mask(text_valid, text_valid),
-                                       image_tokens, ctx_mask), None
+                                       image_tokens, ctx_mask,
+                                       deterministic=self.deterministic), None
         return self.fusion_encoder(text_tokens, image_tokens, text_valid)
 
     def itm_logits(self, fused_text, fused_image=None):
@@ -145,8 +149,7 @@ class FusionModel(nn.Module):
 
     def mlm_logits(self, fused_text):
         """[B, L, W] -> float32 [B, L, V], tied to the word embeddings."""
-        h = self.mlm_transform(fused_text)
-        return self.token_embed.attend(h).astype(jnp.float32) + self.mlm_bias
+        return self.mlm_head(fused_text, self.token_embed.embedding)
 
     def score_pairs(self, images, tokens):
         """ITM match score of aligned pairs: logit(match) - logit(no match), float32 [B]."""
@@ -170,18 +173,18 @@ class FusionModel(nn.Module):
 def build_fusion_model(cfg, vocab: dict) -> FusionModel:
     """model.name='albef': image (an image tower config), text.{width, depth, fusion_depth,
     num_heads, mlp_dim, context_length}, embed_dim, fusion, coattention_shared, itm_pool,
-    temperature_init, dtype, remat."""
-    from vlp_jax.models.registry import _dtype, build_image_tower
-    dtype, remat = _dtype(cfg), cfg.get("remat", False)
+    temperature_init, dtype and the stack options (remat, remat_policy, scan_layers,
+    attention_implementation, dropout_rate)."""
+    dtype, stack = model_dtype(cfg), stack_kwargs(cfg)
     text = cfg.text
     if text.get("fusion_depth", 0) < 1:
         raise ValueError(f"model.text.fusion_depth must be >= 1, got {text.get('fusion_depth')}")
     return FusionModel(
-        image_tower=build_image_tower(cfg.image, dtype, remat), vocab_size=vocab["vocab_size"],
+        image_tower=build_image_tower(cfg.image, dtype, **stack), vocab_size=vocab["vocab_size"],
         width=text.width, text_depth=text.depth, fusion_depth=text.fusion_depth,
         num_heads=text.num_heads, mlp_dim=text.get("mlp_dim", 4 * text.width),
         context_length=text.context_length, pad_id=vocab["pad_id"],
         embed_dim=cfg.get("embed_dim", 256), fusion=cfg.get("fusion", "cross_attention"),
         coattention_shared=cfg.get("coattention_shared", False),
         itm_pool=cfg.get("itm_pool", "text"),
-        temperature_init=cfg.get("temperature_init", 0.07), remat=remat, dtype=dtype)
+        temperature_init=cfg.get("temperature_init", 0.07), dtype=dtype, **stack)

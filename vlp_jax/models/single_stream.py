@@ -32,50 +32,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlp_jax.models.dual_encoder import l2_normalize
-from vlp_jax.models.registry import register_model
+from vlp_jax.models.registry import model_dtype, register_model, stack_kwargs
 from vlp_jax.nn.attention import make_attention_mask
-from vlp_jax.nn.partitioning import dense_init, layer_norm, logical, zeros
+from vlp_jax.nn.collectives import l2_normalize
+from vlp_jax.nn.embed import TokenEmbedding
+from vlp_jax.nn.heads import HeadTransform, Pooler, PredictionHead, itm_head, match_score
+from vlp_jax.nn.partitioning import logical
 from vlp_jax.nn.patch_embed import PatchEmbed, PositionEmbedding
 from vlp_jax.nn.pooling import masked_mean
 from vlp_jax.nn.transformer import Encoder
 
-
-class HeadTransform(nn.Module):
-    """BERT's prediction-head transform: Dense(W) -> GELU -> LayerNorm, [..., W] -> [..., W]."""
-
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        width = x.shape[-1]
-        x = nn.Dense(width, dtype=self.dtype, name="dense",
-                     kernel_init=dense_init(("embed", None)), bias_init=zeros((None,)))(x)
-        return layer_norm("ln", self.dtype)(nn.gelu(x))
-
-
-class Pooler(nn.Module):
-    """tanh(Dense(x[:, 0])): [B, L, W] -> [B, W]."""
-
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        return jnp.tanh(nn.Dense(x.shape[-1], dtype=self.dtype, name="dense",
-                                 kernel_init=dense_init(("embed", None)),
-                                 bias_init=zeros((None,)))(x[:, 0]))
-
-
-def itm_head(dtype=jnp.float32, name="itm_head") -> nn.Dense:
-    """Linear(W, 2): logits of (no match, match)."""
-    return nn.Dense(2, dtype=dtype, name=name, kernel_init=dense_init(("embed", None)),
-                    bias_init=zeros((None,)))
-
-
-def match_score(itm_logits: jax.Array) -> jax.Array:
-    """Pair score for ranking: logit(match) - logit(no match), [B, 2] -> float32 [B]."""
-    itm_logits = itm_logits.astype(jnp.float32)
-    return itm_logits[:, 1] - itm_logits[:, 0]
+__all__ = ["HeadTransform", "Pooler", "SingleStreamTransformer", "build_single_stream",
+           "itm_head", "match_score", "patch_mask_to_pixels"]   # heads: old import sites
 
 
 def patch_mask_to_pixels(patch_mask: jax.Array, grid: int, patch_size: int) -> jax.Array:
@@ -95,6 +63,8 @@ class SingleStreamTransformer(nn.Module):
       image_cls: prepend a learned image class token (ViLT).
       type_embeddings: add a modality-type embedding (0 = text, 1 = image).
       num_mrc_classes: classes of the MRC head (0 = no MRC head).
+      remat, remat_policy, scan_layers, attention_implementation, dropout_rate, deterministic:
+        stack options.
 
     Call (`__call__`, also used for init; touches every head):
       images float [B, S, S, 3], tokens int [B, L], patch_mask optional bool [B, N].
@@ -117,6 +87,11 @@ class SingleStreamTransformer(nn.Module):
     num_mrc_classes: int = 0
     remat: bool = False
     dtype: Any = jnp.float32
+    remat_policy: str = "nothing_saveable"
+    scan_layers: bool = False
+    attention_implementation: str | None = None
+    dropout_rate: float = 0.0
+    deterministic: bool = True
 
     @property
     def grid(self) -> int:
@@ -130,46 +105,37 @@ class SingleStreamTransformer(nn.Module):
         if self.image_size % self.patch_size:
             raise ValueError(f"model.image.image_size={self.image_size} is not a multiple of "
                              f"model.image.patch_size={self.patch_size}")
-        self.token_embed = nn.Embed(
-            self.vocab_size, self.width, dtype=self.dtype,
-            embedding_init=logical(nn.initializers.normal(0.02), ("vocab", "embed")))
-        self.text_pos = PositionEmbedding(self.context_length)
+        self.token_embed = TokenEmbedding(self.vocab_size, self.width, self.context_length,
+                                          num_types=2 if self.type_embeddings else 0,
+                                          dtype=self.dtype)
         self.patch_embed = PatchEmbed(self.patch_size, self.width, self.dtype)
         self.image_pos = PositionEmbedding(self.num_patches + int(self.image_cls))
         if self.image_cls:
             self.cls = self.param("image_cls", logical(nn.initializers.zeros_init(),
                                                        (None, None, "embed")), (1, 1, self.width))
-        if self.type_embeddings:
-            self.type_embed = nn.Embed(
-                2, self.width, dtype=self.dtype,
-                embedding_init=logical(nn.initializers.normal(0.02), (None, "embed")))
         self.encoder = Encoder(self.depth, self.num_heads, self.mlp_dim, remat=self.remat,
-                               dtype=self.dtype)
+                               dtype=self.dtype, remat_policy=self.remat_policy,
+                               scan_layers=self.scan_layers, dropout_rate=self.dropout_rate,
+                               attention_implementation=self.attention_implementation)
         self.pooler = Pooler(self.dtype)
         self.itm_head = itm_head(self.dtype)
-        self.mlm_transform = HeadTransform(self.dtype)
-        self.mlm_bias = self.param("mlm_bias", zeros(("vocab",)), (self.vocab_size,))
-        self.mrfr_transform = HeadTransform(self.dtype)
-        self.mrfr_bias = self.param("mrfr_bias", zeros(("patch",)),
-                                    (self.patch_size * self.patch_size * 3,))
+        self.mlm_head = PredictionHead(self.vocab_size, tied=True, bias_axis="vocab",
+                                       dtype=self.dtype)
+        self.mrfr_head = PredictionHead(self.patch_size * self.patch_size * 3, tied=True,
+                                        bias_axis="patch", dtype=self.dtype)
         if self.num_mrc_classes:
-            self.mrc_transform = HeadTransform(self.dtype)
-            self.mrc_head = nn.Dense(self.num_mrc_classes, dtype=self.dtype,
-                                     kernel_init=dense_init(("embed", None)),
-                                     bias_init=zeros((None,)))
+            self.mrc_head = PredictionHead(self.num_mrc_classes, tied=False, dtype=self.dtype)
 
     # ---- embeddings -------------------------------------------------------------------------
-    def _type(self, x, kind: int):
-        if not self.type_embeddings:
-            return x
-        return x + self.type_embed(jnp.full(x.shape[:2], kind, jnp.int32)).astype(x.dtype)
+    def _encode(self, x, mask=None):
+        return self.encoder(x, mask=mask, deterministic=self.deterministic)
 
     def embed_text(self, tokens):
         """tokens int [B, L] -> (embeddings [B, L, W], valid bool [B, L])."""
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [B, L], got shape {tokens.shape}")
         valid = tokens != self.pad_id
-        return self._type(self.text_pos(self.token_embed(tokens)), 0), valid
+        return self.token_embed(tokens, 0 if self.type_embeddings else None), valid
 
     def embed_image(self, images, patch_mask=None):
         """images [B, S, S, 3] (patches with patch_mask True zeroed) -> [B, T, W]."""
@@ -183,7 +149,8 @@ class SingleStreamTransformer(nn.Module):
         if self.image_cls:
             cls = jnp.broadcast_to(self.cls, (x.shape[0], 1, self.width)).astype(x.dtype)
             x = jnp.concatenate([cls, x], axis=1)
-        return self._type(self.image_pos(x), 1)
+        x = self.image_pos(x)
+        return x + self.token_embed.types(1).astype(x.dtype) if self.type_embeddings else x
 
     # ---- encoders ---------------------------------------------------------------------------
     def encode(self, images, tokens, patch_mask=None):
@@ -191,8 +158,7 @@ class SingleStreamTransformer(nn.Module):
         t, valid = self.embed_text(tokens)
         v = self.embed_image(images, patch_mask)
         key_valid = jnp.concatenate([valid, jnp.ones(v.shape[:2], bool)], axis=1)
-        h = self.encoder(jnp.concatenate([t, v], axis=1),
-                         mask=make_attention_mask(key_valid, key_valid))
+        h = self._encode(jnp.concatenate([t, v], axis=1), make_attention_mask(key_valid, key_valid))
         text, image = h[:, :t.shape[1]], h[:, t.shape[1]:]
         return dict(text=text, image=image, text_valid=valid, pooled=self.pooler(h))
 
@@ -205,12 +171,12 @@ class SingleStreamTransformer(nn.Module):
         over valid tokens and L2-normalised -> float32 [B, W]. (ViLT has no ITC: this ranking
         is only as good as the shared encoder's unimodal features; retrieval re-ranks it.)"""
         t, valid = self.embed_text(tokens)
-        h = self.encoder(t, mask=make_attention_mask(valid, valid))
+        h = self._encode(t, make_attention_mask(valid, valid))
         return l2_normalize(masked_mean(h, valid))
 
     def encode_image(self, images):
         """Unimodal first-stage embedding of the image alone (mean over tokens) -> [B, W]."""
-        return l2_normalize(self.encoder(self.embed_image(images)).mean(axis=1))
+        return l2_normalize(self._encode(self.embed_image(images)).mean(axis=1))
 
     # ---- heads ------------------------------------------------------------------------------
     def itm_logits(self, pooled):
@@ -218,20 +184,18 @@ class SingleStreamTransformer(nn.Module):
 
     def mlm_logits(self, text_tokens):
         """[B, L, W] -> float32 [B, L, V], tied to the word embeddings."""
-        h = self.mlm_transform(text_tokens)
-        return self.token_embed.attend(h).astype(jnp.float32) + self.mlm_bias
+        return self.mlm_head(text_tokens, self.token_embed.embedding)
 
     def mrfr_pred(self, patch_tokens):
         """[B, N, W] -> [B, N, p*p*3]: t(h) @ K^T + b with K the patch projection's kernel."""
         kernel = nn.meta.unbox(self.patch_embed.variables["params"]["proj"]["kernel"])
-        h = self.mrfr_transform(patch_tokens)
-        return (h @ kernel.T.astype(h.dtype)).astype(jnp.float32) + self.mrfr_bias
+        return self.mrfr_head(patch_tokens, kernel)
 
     def mrc_logits(self, patch_tokens):
         """[B, N, W] -> float32 [B, N, K]."""
         if not self.num_mrc_classes:
             raise ValueError("MRC needs model.num_mrc_classes > 0")
-        return self.mrc_head(self.mrc_transform(patch_tokens)).astype(jnp.float32)
+        return self.mrc_head(patch_tokens)
 
     def score_pairs(self, images, tokens):
         """ITM match score of aligned pairs: logit(match) - logit(no match), float32 [B]."""
@@ -250,8 +214,8 @@ class SingleStreamTransformer(nn.Module):
 @register_model("single_stream")
 def build_single_stream(cfg, vocab: dict) -> SingleStreamTransformer:
     """model.name='single_stream': width, depth, num_heads, mlp_dim, image.{image_size,
-    patch_size}, text.context_length, image_cls, type_embeddings, num_mrc_classes, dtype, remat."""
-    from vlp_jax.models.registry import _dtype
+    patch_size}, text.context_length, image_cls, type_embeddings, num_mrc_classes, dtype and the
+    stack options (remat, remat_policy, scan_layers, attention_implementation, dropout_rate)."""
     for section, key in (("image", "image_size"), ("image", "patch_size"),
                          ("text", "context_length")):
         if section not in cfg or key not in cfg[section]:
@@ -262,5 +226,5 @@ def build_single_stream(cfg, vocab: dict) -> SingleStreamTransformer:
         context_length=cfg.text.context_length, image_size=cfg.image.image_size,
         patch_size=cfg.image.patch_size, pad_id=vocab["pad_id"],
         image_cls=cfg.get("image_cls", True), type_embeddings=cfg.get("type_embeddings", True),
-        num_mrc_classes=cfg.get("num_mrc_classes", 0), remat=cfg.get("remat", False),
-        dtype=_dtype(cfg))
+        num_mrc_classes=cfg.get("num_mrc_classes", 0), dtype=model_dtype(cfg),
+        **stack_kwargs(cfg))
