@@ -366,6 +366,23 @@ def resolve(config) -> ml_collections.ConfigDict:
     return out
 
 
+def resolve_part(key: str, node) -> ml_collections.ConfigDict:
+    """One top-level section (`data`, `model`, `optim`, `mesh`, `train`, `init`, ...) checked
+    and filled as `resolve` would (a copy; None = the section's defaults). Functions that take
+    a section (make_mesh, make_optimizer, the data pipeline) call it on entry, so they read
+    `cfg.key` whether or not their caller resolved the whole experiment."""
+    _load()
+    root_fields = fields_of(ROOT)
+    if key not in root_fields:
+        raise _unknown_key("", key, root_fields)
+    out = ml_collections.ConfigDict()
+    if node is not None:
+        out[key] = copy.deepcopy(node)
+    with out.unlocked():
+        _Resolver(out).section(out, {key: root_fields[key]}, "")
+    return out[key]
+
+
 def resolve_section(family: str, node, name: str | None = None, path: str | None = None):
     """One section checked and filled (a copy): for functions that take a section (make_mesh,
     make_optimizer) and may be called without a resolved experiment."""

@@ -19,25 +19,10 @@ deterministic given the seed, reads only this process's shard (records
 process_index::process_count of the train split), and resumable: `get_state()` is JSON-able and
 `set_state()` makes the iterator yield exactly what it would have yielded.
 
-Data config fields (`default_data_config()`; other modules read these names):
-  name                'shapes' (the only dataset)
-  data_dir            TFDS data dir; None -> $VLP_JAX_DATA_DIR or ~/.cache/vlp_jax/tensorflow_datasets
-  image_size          image side in pixels (64)
-  num_train, num_validation, num_test   split sizes (20000, 1000, 1000)
-  captions_per_image  captions stored per image (5)
-  seed                dataset seed (0); the iterator's shuffle seed is make_train_iterator's
-  vocab_size          sentencepiece vocabulary upper bound (256)
-  text_length         L, token ids per caption incl. bos/eos (28: the longest caption has 27)
-  augment             crop-and-resize + brightness/contrast jitter (True); optional fine
-                      control: augment_min_scale, augment_max_scale, augment_max_shift,
-                      augment_brightness, augment_contrast (see preprocess.AugmentConfig)
-  two_views           add `image2` (False)
-  all_captions        add `captions` [B, K, L] (False)
-  num_caption_candidates  K; 0 -> captions_per_image (doubled when rewrites are given)
-  rewrites_path       JSON-lines caption rewrites for `captions` (None; see data.rewrites)
-  worker_count        grain worker processes (0: read in this process)
-  read_threads        threads reading ahead in this process (2)
-  prefetch_batches    batches read ahead (2)
+Data config fields: declared, with their types, defaults and meanings, in
+`vlp_jax/data/fields.py` (`default_data_config()` returns the defaults: the main job's 64 px,
+20k-image world). The functions here accept an unresolved section and fill it in
+(`config_schema.resolve_part`).
 """
 from __future__ import annotations
 
@@ -48,8 +33,8 @@ from typing import Any, Iterator
 import grain
 import ml_collections
 import numpy as np
-from ml_collections import config_dict
 
+from vlp_jax.config_schema import resolve_part
 from vlp_jax.data import preprocess, rewrites, sanitize, shapes_builder, shapes_world
 from vlp_jax.data.tokenizer import Tokenizer
 from vlp_jax.data.types import EvalSet
@@ -59,14 +44,10 @@ _STATE_VERSION = 2   # 2: skip-and-carry stage, issue totals
 
 
 def default_data_config() -> ml_collections.ConfigDict:
-    """The main job's data config (fields documented in the module docstring). Fields that
-    default to None are typed placeholders, so `--config.data.data_dir=...` can set them."""
-    return ml_collections.ConfigDict(dict(
-        name="shapes", data_dir=config_dict.placeholder(str), image_size=64, num_train=20000,
-        num_validation=1000, num_test=1000, captions_per_image=5, seed=0, vocab_size=256,
-        text_length=28, augment=True, two_views=False, all_captions=False, num_caption_candidates=0,
-        rewrites_path=config_dict.placeholder(str), worker_count=0, read_threads=2,
-        prefetch_batches=2))
+    """The declared defaults of the data section (vlp_jax/data/fields.py): the main job's data.
+    Fields that default to None are typed placeholders, so `--config.data.data_dir=...` can
+    set them."""
+    return resolve_part("data", None)
 
 
 def tiny_data_config(**overrides) -> ml_collections.ConfigDict:
@@ -127,8 +108,8 @@ class _TrainTransform:
         self.length = int(data_config.text_length)
         self.augment = bool(data_config.augment)
         self.augment_cfg = preprocess.augment_config(data_config)
-        self.two_views = bool(data_config.get("two_views", False))
-        self.all_captions = bool(data_config.get("all_captions", False))
+        self.two_views = bool(data_config.two_views)
+        self.all_captions = bool(data_config.all_captions)
         self.num_candidates = num_caption_candidates(data_config)
 
     def _view(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -242,10 +223,10 @@ class _SkipAndCarryIterator(grain.DatasetIterator):
 
 def num_caption_candidates(data_config: ml_collections.ConfigDict) -> int:
     """K of the `captions` key."""
-    k = int(data_config.get("num_caption_candidates", 0) or 0)
-    if k:
-        return k
-    doubled = 2 if data_config.get("rewrites_path") else 1
+    data_config = resolve_part("data", data_config)
+    if data_config.num_caption_candidates:
+        return int(data_config.num_caption_candidates)
+    doubled = 2 if data_config.rewrites_path else 1
     return int(data_config.captions_per_image) * doubled
 
 
@@ -328,12 +309,13 @@ def make_train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_
     shapes dataset's.
     """
     local_batch = _validate_batch(global_batch_size, process_index, process_count)
+    data_config = resolve_part("data", data_config)
     if int(data_config.text_length) < 2:
         raise ValueError(f"data.text_length must be >= 2, got {data_config.text_length}")
     builder = shapes_builder.ensure_built(data_config)
     tokenizer = shapes_builder.load_tokenizer(data_config)
     table = None
-    if data_config.get("all_captions", False) and data_config.get("rewrites_path"):
+    if data_config.all_captions and data_config.rewrites_path:
         table = rewrites.load_rewrites(data_config.rewrites_path)
     shuffle_seed, map_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
 
@@ -350,12 +332,12 @@ def make_train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_
                          f"(the source has {len(source)})")
     ds = ds.shuffle(seed=shuffle_seed).repeat(None)
     ds = ds.random_map(_TrainTransform(data_config, tokenizer, table), seed=map_seed)
-    prefetch = int(data_config.get("prefetch_batches", 2)) * local_batch
-    options = grain.ReadOptions(num_threads=int(data_config.get("read_threads", 2)),
+    prefetch = int(data_config.prefetch_batches) * local_batch
+    options = grain.ReadOptions(num_threads=int(data_config.read_threads),
                                 prefetch_buffer_size=prefetch)
     it_ds = _SkipAndCarry(ds.to_iter_dataset(options), max_skips=shard_len)
     it_ds = it_ds.batch(local_batch, drop_remainder=True)
-    workers = int(data_config.get("worker_count", 0))
+    workers = int(data_config.worker_count)
     if workers > 0:
         _mark_flags_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))

@@ -31,6 +31,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from vlp_jax.config_schema import resolve_part
 from vlp_jax.data import shapes_world
 from vlp_jax.data.tokenizer import Tokenizer, train_tokenizer
 
@@ -144,17 +145,13 @@ def _png(image: np.ndarray) -> bytes:
 
 def data_dir(data_config: ml_collections.ConfigDict) -> str:
     """The TFDS data dir: data.data_dir, else $VLP_JAX_DATA_DIR, else ~/.cache/vlp_jax/..."""
-    d = data_config.get("data_dir") or os.environ.get("VLP_JAX_DATA_DIR") or DEFAULT_DATA_DIR
+    d = resolve_part("data", data_config).data_dir or os.environ.get("VLP_JAX_DATA_DIR") \
+        or DEFAULT_DATA_DIR
     return os.path.abspath(os.path.expanduser(d))
 
 
 def builder_config(data_config: ml_collections.ConfigDict) -> ShapesConfig:
-    name = data_config.get("name", "shapes")
-    if name != "shapes":
-        raise ValueError(f"data.name {name!r} is unknown; valid: ['shapes']")
-    missing = [k for k in _SIZE_FIELDS if k not in data_config]
-    if missing:
-        raise ValueError(f"data config lacks fields {missing} (start from default_data_config())")
+    data_config = resolve_part("data", data_config)   # data.name is a declared one ('shapes')
     return ShapesConfig(**{k: data_config[k] for k in _SIZE_FIELDS})
 
 

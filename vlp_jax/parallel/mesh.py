@@ -9,6 +9,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from vlp_jax.config_schema import resolve_part
+
 MESH_AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")   # the batch is split over every axis that is not `model`
 
@@ -48,7 +50,8 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict | None = None,
     use 1 to compile single-device properties once instead of 8-way on a 2-core machine.
     """
     devices = list(jax.devices() if devices is None else devices)
-    num = mesh_cfg.get("num_devices", None) if mesh_cfg is not None else None
+    mesh_cfg = resolve_part("mesh", mesh_cfg)      # defaults: vlp_jax/parallel/fields.py
+    num = mesh_cfg.num_devices
     if num is not None:
         if jax.process_count() > 1:
             raise ValueError("config.mesh.num_devices is for single-process runs; with "
@@ -57,7 +60,7 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict | None = None,
             raise ValueError(f"config.mesh.num_devices={num} must be between 1 and the "
                              f"{len(devices)} available devices")
         devices = devices[:num]
-    axes = dict(mesh_cfg.axes) if mesh_cfg is not None and "axes" in mesh_cfg else {"data": -1}
+    axes = dict(mesh_cfg.axes)
     shape = mesh_shape(axes, len(devices))
     return jax.make_mesh(tuple(shape.values()), tuple(shape), devices=devices,
                          axis_types=(AxisType.Auto,) * len(shape))

@@ -22,6 +22,7 @@ import jax
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from vlp_jax.config_schema import resolve_part
 from vlp_jax.parallel.mesh import batch_axes
 
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
@@ -37,8 +38,9 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 
 
 def logical_rules(mesh_cfg=None) -> tuple[tuple[str, Any], ...]:
-    if mesh_cfg is not None and mesh_cfg.get("rules", None):
-        return tuple((str(k), v) for k, v in mesh_cfg.rules)
+    rules = resolve_part("mesh", mesh_cfg).rules
+    if rules:
+        return tuple((str(k), v) for k, v in rules)
     return DEFAULT_RULES
 
 

@@ -12,14 +12,17 @@ import jax
 import ml_collections
 import optax
 
+from vlp_jax.config_schema import resolve_part
+
 
 def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to `cfg.lr` over `cfg.warmup_steps`, then cosine to `lr * end_factor`."""
-    warmup = min(int(cfg.get("warmup_steps", 0)), max(total_steps - 1, 0))
+    """Linear warmup from 0 to `cfg.lr` over `cfg.warmup_steps`, then cosine to `lr * end_factor`
+    (`cfg`: the `optim` section; defaults as declared in vlp_jax/train/fields.py)."""
+    cfg = resolve_part("optim", cfg)
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup,
-        decay_steps=max(total_steps, warmup + 1),
-        end_value=cfg.lr * cfg.get("end_factor", 0.0))
+        decay_steps=max(total_steps, warmup + 1), end_value=cfg.lr * cfg.end_factor)
 
 
 def decay_mask(params) -> Any:
@@ -32,14 +35,11 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int,
 
     `trainable`: optional bool tree like params; False leaves are frozen (zero update).
     """
-    name = cfg.get("name", "adamw")
-    if name != "adamw":
-        raise ValueError(f"optim.name {name!r} is unknown; valid: ['adamw']")
+    cfg = resolve_part("optim", cfg)     # optim.name is one of the declared ('adamw')
     tx = optax.chain(
-        optax.clip_by_global_norm(cfg.get("grad_clip_norm", 1.0)),
-        optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.get("b1", 0.9),
-                    b2=cfg.get("b2", 0.98), eps=cfg.get("eps", 1e-6),
-                    weight_decay=cfg.get("weight_decay", 0.1), mask=decay_mask))
+        optax.clip_by_global_norm(cfg.grad_clip_norm),
+        optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2,
+                    eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask))
     if trainable is None:
         return tx
     labels = jax.tree.map(lambda t: "train" if t else "freeze", trainable)
