@@ -238,3 +238,21 @@ def stack_block_params(params: dict, depth: int) -> dict:
     out = {k: v for k, v in params.items() if not k.startswith("block")}
     out["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
     return out
+
+
+def stack_layers(params: dict) -> dict:
+    """Every unscanned stack in a parameter tree -> its scanned layout: any mapping holding
+    `block0..block{n-1}` gets them replaced by one `blocks` entry (leaves stacked on a new
+    leading axis). Converts a whole model's params (Encoder and CoAttentionEncoder alike)."""
+    params = nn.meta.unbox(params)
+    if not isinstance(params, dict):
+        return params
+    n = 0
+    while f"block{n}" in params:
+        n += 1
+    out = {k: stack_layers(v) for k, v in params.items()
+           if not (k.startswith("block") and k[5:].isdigit())}
+    if n:
+        out["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs),
+                                     *[stack_layers(params[f"block{i}"]) for i in range(n)])
+    return out
