@@ -383,6 +383,14 @@ def resolve_part(key: str, node) -> ml_collections.ConfigDict:
     return out[key]
 
 
+def resolve_entry(part: str, name: str, node, **defaults) -> ml_collections.ConfigDict:
+    """One named entry of a top-level `Each` section (`evals.<name>`), checked and filled (a
+    copy); `defaults` fill keys the entry lacks (e.g. type='retrieval' for an evaluator called
+    directly)."""
+    entry = dict(defaults, **dict(node or {}))
+    return resolve_part(part, {name: entry})[name]
+
+
 def resolve_section(family: str, node, name: str | None = None, path: str | None = None):
     """One section checked and filled (a copy): for functions that take a section (make_mesh,
     make_optimizer) and may be called without a resolved experiment."""

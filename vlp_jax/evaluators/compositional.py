@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from vlp_jax.config_schema import resolve_entry
 from vlp_jax.evaluators.protocol import PredictFns, require, without
 
 CHANCE = 50.0
@@ -117,15 +118,14 @@ def evaluate_compositional_config(config, predict: PredictFns, load_eval_set_fn,
     `config.use_itm` (default True) scores with the ITM head when the model has one; False
     compares ITC cosines, so a fusion model's two stages can be measured separately."""
     from vlp_jax.data import shapes_world
-    if config.get("split") is None:
-        raise ValueError("an evaluator config needs `split`")
-    ds = load_eval_set_fn(config["split"], config.get("max_examples", None))
+    config = resolve_entry("evals", "compositional", config, type="compositional")
+    ds = load_eval_set_fn(config.split, config.max_examples)
     if not ds.scenes:
         raise ValueError("the compositional evaluator needs the eval set's scene descriptions")
-    if not config.get("use_itm", True):
+    if not config.use_itm:
         predict = without(predict, "score_pairs")
     positives = [shapes_world.canonical_caption(s) for s in ds.scenes]
     negatives = [shapes_world.hard_negatives(s) for s in ds.scenes]
     return evaluate_compositional(predict, ds.images, positives, negatives, tokenize_fn,
-                                  batch_size=int(config.get("batch_size", None) or 256),
-                                  tie_tolerance=float(config.get("tie_tolerance", 1e-5)))
+                                  batch_size=config.batch_size,
+                                  tie_tolerance=float(config.tie_tolerance))

@@ -1,6 +1,7 @@
 """Declared fields of each `config.evals.<name>`, chosen by its `type` (see
 `vlp_jax.config_schema`); the readers are the evaluators of this package."""
 from vlp_jax.config_schema import Field, Seq, declare
+from vlp_jax.evaluators import itm_rerank, retrieval, zero_shot
 
 declare(
     "evaluator", None,
@@ -9,12 +10,13 @@ declare(
     batch_size=Field(int, 256, doc="encoder batch"),
     log_steps=Field(int, None, doc="also run every N training steps (None/0: only at the end)"),
 )
-declare("evaluator", "zero_shot", ks=Field(Seq(int), (1, 5)))
-declare("evaluator", "retrieval", ks=Field(Seq(int), (1, 5, 10)), chunk_size=Field(int, 1024))
+declare("evaluator", "zero_shot", ks=Field(Seq(int), zero_shot.DEFAULT_KS))
+declare("evaluator", "retrieval", ks=Field(Seq(int), retrieval.DEFAULT_KS),
+        chunk_size=Field(int, retrieval.DEFAULT_CHUNK, doc="captions scored per block"))
 declare(
     "evaluator", "itm_rerank_retrieval",
-    k=Field(int, 16, doc="ITC candidates re-ranked by the ITM head"),
-    ks=Field(Seq(int), (1, 5, 10)), add_itc=Field(bool, False), seed=Field(int, 0),
+    k=Field(int, itm_rerank.DEFAULT_K, doc="ITC candidates re-ranked by the ITM head"),
+    ks=Field(Seq(int), retrieval.DEFAULT_KS), add_itc=Field(bool, False), seed=Field(int, 0),
     timing_pairs=Field(int, None, doc="pairs timed for the N x M cost (None: 4 * batch_size)"),
     full_max_pairs=Field(int, 0, doc="score all N x M pairs when there are at most this many"),
 )

@@ -39,9 +39,10 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from vlp_jax.config_schema import resolve_entry
 from vlp_jax.evaluators.embed import embed_in_batches
 from vlp_jax.evaluators.protocol import PredictFns, require
-from vlp_jax.evaluators.retrieval import DEFAULT_KS, l2_normalize, recall_from_scores
+from vlp_jax.evaluators.retrieval import l2_normalize, recall_from_scores
 
 DEFAULT_K = 16
 
@@ -132,12 +133,9 @@ def evaluate_itm_rerank(config: Mapping[str, Any], predict: PredictFns, load_eva
     score_fn = require(predict, "score_pairs", "itm_rerank_retrieval")
     encode_image = require(predict, "encode_image", "itm_rerank_retrieval")
     encode_text = require(predict, "encode_text", "itm_rerank_retrieval")
-    if config.get("split") is None:
-        raise ValueError("an evaluator config needs `split`")
-    ds = load_eval_set_fn(config["split"], config.get("max_examples", None))
-    bs = int(config.get("batch_size", None) or 256)
-    k = int(config.get("k", None) or DEFAULT_K)
-    ks = tuple(int(x) for x in (config.get("ks", None) or DEFAULT_KS))
+    config = resolve_entry("evals", "itm_rerank_retrieval", config, type="itm_rerank_retrieval")
+    ds = load_eval_set_fn(config.split, config.max_examples)
+    bs, k, ks = config.batch_size, config.k, tuple(config.ks)
     if k < 1:
         raise ValueError(f"itm_rerank_retrieval: k must be >= 1, got {k}")
     texts, owner = ds.flat_captions()
@@ -160,7 +158,7 @@ def evaluate_itm_rerank(config: Mapping[str, Any], predict: PredictFns, load_eva
     start = time.perf_counter()
     pair_scores = lambda ii, tt: score_pair_list(score_fn, images, tokens, ii, tt, bs)
     i2t, t2i, scored = rerank_matrices(itc, i2t_cols, t2i_rows, pair_scores,
-                                       bool(config.get("add_itc", False)))
+                                       config.add_itc)
     rerank_seconds = time.perf_counter() - start
 
     out = {f"itc_{key}": val for key, val in recall_from_scores(itc, owner, ks).items()}
@@ -169,9 +167,9 @@ def evaluate_itm_rerank(config: Mapping[str, Any], predict: PredictFns, load_eva
     out.update({key: val for key, val in recall_from_scores(t2i, owner, ks).items()
                 if key.startswith("t2i")})
 
-    rng = np.random.default_rng(int(config.get("seed", 0)))
+    rng = np.random.default_rng(config.seed)
     out.update(itm_pair_metrics(pair_scores, owner, n, rng))
-    count = min(n * m, int(config.get("timing_pairs", None) or 4 * bs))
+    count = min(n * m, config.timing_pairs or 4 * bs)
     flat = rng.choice(n * m, size=count, replace=False)
     start = time.perf_counter()
     score_pair_list(score_fn, images, tokens, flat // m, flat % m, bs)
@@ -180,7 +178,7 @@ def evaluate_itm_rerank(config: Mapping[str, Any], predict: PredictFns, load_eva
                itc_seconds=itc_seconds, rerank_seconds=rerank_seconds,
                full_seconds_extrapolated=per_pair * n * m,
                speedup_extrapolated=per_pair * n * m / max(itc_seconds + rerank_seconds, 1e-9))
-    if n * m <= int(config.get("full_max_pairs", 0) or 0):
+    if n * m <= config.full_max_pairs:
         start = time.perf_counter()
         every = np.arange(n * m)
         full = score_pair_list(score_fn, images, tokens, every // m, every % m, bs)

@@ -9,8 +9,8 @@
 
 Keys common to all types: `type` (required), `split` (required), `max_examples` (None = the
 whole split), `batch_size` (encoder batch, default 256; on a mesh it should divide evenly
-over the data axis). Type-specific keys are read by the evaluator itself (`retrieval`:
-`ks`, default (1, 5, 10), and `chunk_size`; `zero_shot`: `ks`, default (1, 5)).
+over the data axis), `log_steps`. Each type's keys and defaults are declared in
+`vlp_jax/evaluators/fields.py`; an unknown key fails naming the nearest valid one.
 
 Metrics come back flat as `<evaluator name>/<metric>`, e.g. `zeroshot/top1`,
 `retrieval/i2t_r1`, all Python floats in percent.
@@ -20,9 +20,10 @@ Adding a family (compositional, ITM re-ranking retrieval, VQA, ...): write, in i
     def evaluate_<family>(config, predict, load_eval_set_fn, tokenize_fn) -> dict[str, float]
 
 (the protocol, `predict` included, is `vlp_jax.evaluators.protocol`) returning unprefixed
-metric names, and add ONE entry `"<type>": evaluate_<family>` to `EVALUATORS` below (or call
-`register_evaluator("<type>", fn)` from outside the package). Nothing else changes:
-`run_evaluators` dispatches on `type` and adds the prefix.
+metric names, add ONE entry `"<type>": evaluate_<family>` to `EVALUATORS` below and declare
+its keys in fields.py (or call `register_evaluator("<type>", fn, key=Field(...), ...)` from
+outside the package). Nothing else changes: `run_evaluators` dispatches on `type` and adds the
+prefix; the evaluator reads its filled-in keys from `entry(config, "<type>")`.
 """
 from __future__ import annotations
 
@@ -32,31 +33,28 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from vlp_jax.config_schema import declare, resolve_entry, resolve_part
 from vlp_jax.data.types import EvalSet
 from vlp_jax.evaluators.compositional import evaluate_compositional_config
 from vlp_jax.evaluators.embed import embed_in_batches
 from vlp_jax.evaluators.itm_rerank import evaluate_itm_rerank
 from vlp_jax.evaluators.protocol import (EvaluatorFn, LoadEvalSetFn, PredictFns, TokenizeFn,
                                          require)
-from vlp_jax.evaluators.retrieval import DEFAULT_CHUNK, DEFAULT_KS, retrieval_metrics
+from vlp_jax.evaluators.retrieval import retrieval_metrics
 from vlp_jax.evaluators.zero_shot import class_embeddings, zero_shot_accuracy
 
-DEFAULT_BATCH_SIZE = 256
 _log = logging.getLogger(__name__)
 
 
-def _load(config: Mapping[str, Any], load_eval_set_fn: LoadEvalSetFn) -> EvalSet:
-    if config.get("split") is None:
-        raise ValueError("an evaluator config needs `split`")
-    return load_eval_set_fn(config["split"], config.get("max_examples", None))
+def entry(config: Mapping[str, Any], type_name: str) -> Any:
+    """An evaluator's config checked against its declaration (vlp_jax/evaluators/fields.py)
+    with the declared defaults filled in, so evaluators read `config.batch_size` etc. (the
+    trainer's configs are resolved already; direct callers may pass a partial dict)."""
+    return resolve_entry("evals", type_name, config, type=type_name)
 
 
-def _batch_size(config: Mapping[str, Any]) -> int:
-    return int(config.get("batch_size", None) or DEFAULT_BATCH_SIZE)
-
-
-def _ks(config: Mapping[str, Any], default: Sequence[int]) -> tuple[int, ...]:
-    return tuple(int(k) for k in (config.get("ks", None) or default))
+def _load(config, load_eval_set_fn: LoadEvalSetFn) -> EvalSet:
+    return load_eval_set_fn(config.split, config.max_examples)
 
 
 def evaluate_zero_shot(config: Mapping[str, Any], predict: PredictFns,
@@ -64,12 +62,13 @@ def evaluate_zero_shot(config: Mapping[str, Any], predict: PredictFns,
                        ) -> dict[str, float]:
     """Zero-shot classification of the split's images into `EvalSet.class_names` using
     `EvalSet.prompt_templates` -> {'top1', 'top5', 'chance'} (percent)."""
+    config = entry(config, "zero_shot")
     ds = _load(config, load_eval_set_fn)
-    bs = _batch_size(config)
+    bs = config.batch_size
     cls = class_embeddings(require(predict, "encode_text", "zero_shot"), tokenize_fn,
                            ds.class_names, ds.prompt_templates, bs)
     img = embed_in_batches(require(predict, "encode_image", "zero_shot"), ds.images, bs)
-    return zero_shot_accuracy(img, cls, np.asarray(ds.labels), ks=_ks(config, (1, 5)))
+    return zero_shot_accuracy(img, cls, np.asarray(ds.labels), ks=tuple(config.ks))
 
 
 def evaluate_retrieval(config: Mapping[str, Any], predict: PredictFns,
@@ -77,14 +76,14 @@ def evaluate_retrieval(config: Mapping[str, Any], predict: PredictFns,
                        ) -> dict[str, float]:
     """COCO-style image<->caption retrieval over all of the split's captions with ITC
     embeddings -> {'i2t_r1', 'i2t_r5', 'i2t_r10', 't2i_r1', ...} (percent)."""
+    config = entry(config, "retrieval")
     ds = _load(config, load_eval_set_fn)
-    bs = _batch_size(config)
+    bs = config.batch_size
     texts, owner = ds.flat_captions()
     img = embed_in_batches(require(predict, "encode_image", "retrieval"), ds.images, bs)
     txt = embed_in_batches(require(predict, "encode_text", "retrieval"),
                            np.asarray(tokenize_fn(texts)), bs)
-    return retrieval_metrics(img, txt, owner, ks=_ks(config, DEFAULT_KS),
-                             chunk_size=int(config.get("chunk_size", None) or DEFAULT_CHUNK))
+    return retrieval_metrics(img, txt, owner, ks=tuple(config.ks), chunk_size=config.chunk_size)
 
 
 EVALUATORS: dict[str, EvaluatorFn] = {
@@ -95,11 +94,13 @@ EVALUATORS: dict[str, EvaluatorFn] = {
 }
 
 
-def register_evaluator(type_name: str, fn: EvaluatorFn) -> EvaluatorFn:
-    """Adds `fn` as the evaluator of `type: type_name`; refuses to replace an existing one."""
+def register_evaluator(type_name: str, fn: EvaluatorFn, **fields) -> EvaluatorFn:
+    """Adds `fn` as the evaluator of `type: type_name` and declares its own config keys
+    (`config_schema.Field`s, besides the common ones); refuses to replace an existing one."""
     if type_name in EVALUATORS and EVALUATORS[type_name] is not fn:
         raise ValueError(f"evaluator type {type_name!r} is already registered")
     EVALUATORS[type_name] = fn
+    declare("evaluator", type_name, **fields)
     return fn
 
 
@@ -125,6 +126,7 @@ def run_evaluators(evals_config: Mapping[str, Mapping[str, Any]], predict: Predi
         if kind not in EVALUATORS:
             raise ValueError(f"evaluator {name!r} has unknown type {kind!r}; "
                              f"valid types: {sorted(EVALUATORS)}")
+    evals_config = resolve_part("evals", evals_config)    # every entry's keys, before running
     metrics: dict[str, float] = {}
     for name, cfg in evals_config.items():
         start = time.perf_counter()

@@ -49,7 +49,8 @@ declare(
     alpha_ramp_steps=Field(int, 0), mlm_prob=Field(float, 0.15),
     whole_word_masking=Field(bool, False), weights=Field(Map(float), {}),
     temperature_range=Field(Seq(float), (0.001, 0.5)), itc_sharded=Field(bool, True),
-    exclude_duplicate_negatives=Field(bool, True),
+    exclude_duplicate_negatives=Field(bool, False, doc="True: captions identical to the positive "
+                                      "are never ITM negatives (not in ALBEF/LAVIS)"),
 )
 declare(
     "method", "vilt",
