@@ -49,7 +49,8 @@ The kinds of field:
     `extends=` in `declare` lets one name inherit another's fields (slip extends contrastive).
   Each(family, key='type', key_from_entry=False): a mapping {entry name: section}, each
     entry chosen by its `key` (evals by `type`; with key_from_entry=True an entry without the
-    key is chosen by its entry name, as `method.objectives`).
+    key is chosen by its entry name); key=None: every entry is the family's one declaration
+    (the schedule overrides of `method.objectives`).
 """
 from __future__ import annotations
 
@@ -135,7 +136,7 @@ class Select:
 @dataclasses.dataclass(frozen=True)
 class Each:
     family: str
-    key: str = "type"
+    key: str | None = "type"        # None: every entry is the family's unnamed declaration
     key_from_entry: bool = False
 
 
@@ -309,6 +310,9 @@ class _Resolver:
                     raise ConfigError(f"config key {here} must be a mapping of named sections, "
                                       f"got {entries!r}")
                 for name in list(entries.keys()):
+                    if spec.key is None:
+                        self.sub(entries[name], _join(here, name), fields_of(spec.family), "")
+                        continue
                     self.select(entries[name], _join(here, name), spec.family, spec.key,
                                 name if spec.key_from_entry else REQUIRED,
                                 store_key=not spec.key_from_entry)

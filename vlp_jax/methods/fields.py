@@ -1,7 +1,18 @@
 """Declared fields of `config.method`, chosen by `method.name` (see `vlp_jax.config_schema`).
 The readers are the method classes in this package; `extends` mirrors their class hierarchy
 (SLIP, LaCLIP, A-CLIP and MaskCLIP are ContrastiveMethods)."""
-from vlp_jax.config_schema import OMIT, Field, Map, Seq, declare
+from vlp_jax.config_schema import OMIT, Each, Field, Map, Seq, declare
+
+# `method.objectives` of the methods built on a Combiner: {term name: schedule overrides}
+# applied to the method's own terms (objectives.core.override_terms checks the names); nothing
+# is filled in, an absent field keeps the method's value.
+declare(
+    "term_schedule", None,
+    weight=Field(float, OMIT), start_step=Field(int, OMIT, doc="step the term's weight starts"),
+    ramp_steps=Field(int, OMIT, doc="linear ramp of the weight after start_step"),
+    task=Field(str, OMIT, doc="UNITER-style task the term belongs to"),
+)
+OBJECTIVES = Each("term_schedule", key=None)
 
 declare(
     "method", "contrastive",
@@ -13,6 +24,7 @@ declare(
     ring=Field(bool, False, doc="sigmoid loss through the ppermute ring"),
     unmasked_tuning_steps=Field(int, 0, doc="FLIP: the last N of total_steps unmasked"),
     total_steps=Field(int, 0, doc="linked to train.num_steps by the experiment file"),
+    objectives=OBJECTIVES,
 )
 declare(
     "method", "slip", extends="contrastive",
@@ -49,6 +61,7 @@ declare(
     alpha_ramp_steps=Field(int, 0), mlm_prob=Field(float, 0.15),
     whole_word_masking=Field(bool, False), weights=Field(Map(float), {}),
     temperature_range=Field(Seq(float), (0.001, 0.5)), itc_sharded=Field(bool, True),
+    objectives=OBJECTIVES,
     exclude_duplicate_negatives=Field(bool, False, doc="True: captions identical to the positive "
                                       "are never ITM negatives (not in ALBEF/LAVIS)"),
 )
