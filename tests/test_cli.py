@@ -48,6 +48,13 @@ def test_missing_config_file(capsys, tmp_path):
     assert "does not exist" in line
 
 
+def test_a_file_that_is_not_an_experiment(capsys, tmp_path):
+    path = tmp_path / "notes.py"
+    path.write_text("x = 1\n")
+    assert "defines no get_config" in _fails(capsys, "train", "--config", str(path),
+                                             "--workdir", "w")
+
+
 def test_unknown_override_names_the_nearest_key(capsys):
     line = _fails(capsys, "train", "--config", CLIP + ":smoke", "--config.train.bach_size=3",
                   "--workdir", "w")

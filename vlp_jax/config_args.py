@@ -63,6 +63,8 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     `vlp_jax.config_schema.resolve` for the checked tree with defaults filled in)."""
     path, _, arg = spec.partition(":")
     module = load_module(path)
+    if not callable(getattr(module, "get_config", None)):
+        raise ValueError(f"experiment file {path!r} defines no get_config(arg=None)")
     return module.get_config(arg or None) if arg else module.get_config()
 
 
