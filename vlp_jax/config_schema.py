@@ -12,11 +12,19 @@ returns a copy with every default filled in, so read sites can write `cfg.key` i
     an unknown name raises listing the valid ones.
 
 The input is not modified (FieldReferences inside it, e.g. `model.text.context_length`
-linked to `data.text_length`, stay linked in the copy).
+linked to `data.text_length`, stay linked in the copy). The trainer resolves every config
+(`Experiment`), the CLI resolves after applying `--config.a.b=v` overrides. Functions that take
+one section call `resolve_part('optim', cfg)` (or `resolve_entry('evals', name, cfg)` for one
+evaluator) on entry, so they can be called with a partial section and still read `cfg.key`.
+A key that moved is registered with `moved('method.frozen', 'the top-level config.frozen')`
+and named in the error.
 
-Declaring fields (the declaration lives next to the code that reads the fields: see
-DECLARATION_MODULES; a new module's declarations are found once it is listed there or
-imported before `resolve` runs):
+Declaring fields (the declaration lives next to the code that reads the fields, in
+<package>/fields.py: see DECLARATION_MODULES; a new module's declarations are found once it is
+listed there, imported before `resolve` runs, or named by `model.module`). A new model, method,
+objective or evaluator declares its fields once, here; its code then reads `cfg.key`, and
+`tests/test_config_validation.py` checks that any remaining `cfg.get(key, literal)` agrees with
+the declared default:
 
     from vlp_jax.config_schema import Derived, Each, Field, Select, Sub, declare, declares
 
