@@ -40,7 +40,9 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> _Parser:
     p = _Parser(prog="vlp-jax", allow_abbrev=False,
-                description="Train, evaluate, sweep or build the data of an experiment file.")
+                description="Train, evaluate, sweep or build the data of an experiment file.",
+                epilog="Any declared config field can be overridden: --config.train.batch_size=64 "
+                       "(or --config.train.batch_size 64).")
     p.add_argument("command", choices=COMMANDS)
     p.add_argument("--config", required=True, metavar="FILE[:ARG]",
                    help="experiment file with get_config(arg)")
