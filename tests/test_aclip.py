@@ -64,23 +64,25 @@ def test_captured_attention_is_every_blocks_softmax_and_leaves_the_forward_uncha
         assert w.shape == (8, 2, 17, 17)                       # [B, heads, 1 + 16, 1 + 16]
         np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-5)
     ref = image_features(method.model, params, batch["image"])
+    # the weights come from the explicit softmax path, the reference from the fused attention:
+    # the same function up to float32 rounding (~1e-7 of values of order 1, over 3 blocks).
     for a, b in zip((emb, pooled, tokens), ref):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)   # two attention paths
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
 
 
 def test_attention_score_is_the_class_token_row_averaged_over_layers_and_heads():
     w = [jax.random.uniform(jax.random.key(i), (2, 3, 5, 5)) for i in range(2)]
     expected = (sum(x[:, :, 0, 1:].mean(1) for x in w) / 2)
-    np.testing.assert_allclose(attention_scores(w, 4), expected, rtol=1e-5)
+    np.testing.assert_allclose(attention_scores(w, 4), expected, rtol=1e-6)
     no_cls = attention_scores(w, 5)                            # gap / map pooling
-    np.testing.assert_allclose(no_cls, sum(x.mean((1, 2)) for x in w) / 2, rtol=1e-5)
+    np.testing.assert_allclose(no_cls, sum(x.mean((1, 2)) for x in w) / 2, rtol=1e-6)
 
 
 def test_text_score_prefers_the_patch_most_similar_to_the_caption():
     patches = jnp.eye(4)[None]                                 # 4 orthogonal patch embeddings
     text = jnp.array([[0.0, 0.0, 1.0, 0.0]])
     s = text_scores(patches, text, jnp.array(10.0))
-    np.testing.assert_allclose(s.sum(), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(s.sum(), 1.0, rtol=1e-6)
     assert int(jnp.argmax(s)) == 2
 
 
@@ -103,13 +105,42 @@ def test_method_keeps_the_teachers_highest_scored_patches(score):
 
 
 def test_scores_come_from_the_teacher_not_the_student():
+    """The student's forward keeps the patches the *teacher* picks: perturbing the student
+    leaves the keep ids unchanged (while its features move), perturbing the teacher changes
+    them."""
     method = _method(keep_ratio=0.25)
     batch = _batch()
     params, aux = _init(method, batch)
-    shuffled = jax.tree.map(lambda x: x[::-1] if x.ndim else x, aux["teacher"])
-    a = method.teacher_view(aux["teacher"], batch["image"], batch["text"])[0]
-    b = method.teacher_view(shuffled, batch["image"], batch["text"])[0]
-    assert not np.allclose(a, b)
+    forward = jax.jit(lambda p, a: method.forward(p, a, batch, jax.random.key(0)))
+    base = forward(params, aux)
+    noisy = lambda tree, seed: jax.tree.map(
+        lambda x: x + 0.5 * jax.random.normal(jax.random.key(seed), x.shape, x.dtype), tree)
+    student_moved = forward(noisy(params, 1), aux)
+    np.testing.assert_array_equal(student_moved["keep_ids"][0], base["keep_ids"][0])
+    assert not np.allclose(student_moved["pooled"][0], base["pooled"][0])
+    teacher_moved = forward(params, dict(aux, teacher=noisy(aux["teacher"], 2)))
+    assert (np.asarray(teacher_moved["keep_ids"][0]) != np.asarray(base["keep_ids"][0])).any()
+
+
+def test_distillation_term_is_a_clips_4_times_one_minus_cosine():
+    """A-CLIP's loss 2 * mean(2 - 2 cos) = 4 (1 - cos) between pred(proj(student)) and the EMA
+    proj(teacher) (the version before this fix weighted (1 - cos) by 1: 4x weaker)."""
+    from vlp_jax.methods.ssl_common import ProjectionMLP
+    method = _method(keep_ratio=0.5, distill_weight=1.0, ssl_mlp_dim=32, ssl_emb_dim=8)
+    batch = _batch()
+    params, aux = _init(method, batch)
+    params = dict(params, aclip_pred=jax.tree.map(lambda x: x + 0.1, params["aclip_pred"]))
+    _, metrics, _ = jax.jit(method.loss)(params, aux, batch, jax.random.key(1), jnp.array(0))
+    out = method.forward(params, aux, batch, jax.random.key(1))
+    proj, pred = ProjectionMLP(32, 8, num_layers=2), ProjectionMLP(32, 8, num_layers=2)
+    online = pred.apply({"params": params["aclip_pred"]},
+                        proj.apply({"params": params["aclip_proj"]}, out["pooled"][0]))
+    target = proj.apply({"params": aux["teacher"]["aclip_proj"]}, out["teacher_pooled"][0])
+    cos = np.sum(np.asarray(online) * np.asarray(target), -1) / (
+        np.linalg.norm(online, axis=-1) * np.linalg.norm(target, axis=-1))
+    expected = 4.0 * np.mean(1.0 - cos)
+    assert expected > 1e-3
+    np.testing.assert_allclose(metrics["loss/distill"], expected, rtol=1e-4)
 
 
 def test_ema_update_and_shardings_follow_the_params():
@@ -146,8 +177,8 @@ def test_aclip_learns_far_above_chance(shapes_data_config, tmp_path):
     assert config.method.keep_ratio == 0.5 and config.method.score == "attention"
     result = train_and_evaluate(config, str(tmp_path), progress=False)
     rows = [r for r in read_metrics(str(tmp_path)) if "train/loss" in r]
-    assert rows[-1]["train/itc_loss"] < rows[0]["train/itc_loss"]
-    assert rows[-1]["train/distill_loss"] < rows[0]["train/distill_loss"]
+    assert rows[-1]["train/loss/itc"] < rows[0]["train/loss/itc"]
+    assert rows[-1]["train/loss/distill"] < rows[0]["train/loss/distill"]
     ev = result["eval"]
     print("A-CLIP eval", ev, "train", result["train"])
     assert ev["zeroshot/top1"] > 3 * ev["zeroshot/chance"], ev

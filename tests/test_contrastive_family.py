@@ -64,8 +64,10 @@ def test_unmasked_tuning_switches_off_masking_for_the_last_steps():
     params = nn.meta.unbox(jax.jit(method.init_params)(jax.random.key(0), batch))
     rng = jax.random.key(5)
     vg = jax.jit(lambda p, s: method.value_and_grad(p, {}, batch, rng, s)[0][0])
-    masked = float(jax.jit(lambda p: method.loss(p, {}, batch, rng, 0)[0])(params))
-    unmasked = float(jax.jit(lambda p: method.loss(p, {}, batch, rng, 0, masked=False)[0])(
+    prepared = method.prepare_batch(batch, method.prepare_key(rng))
+    assert prepared["keep_ids"].shape == (16, 4)                 # 25% of 16 patches kept
+    masked = float(jax.jit(lambda p: method.loss(p, {}, prepared, rng, 0)[0])(params))
+    unmasked = float(jax.jit(lambda p: method.loss(p, {}, prepared, rng, 0, masked=False)[0])(
         params))
     assert abs(masked - unmasked) > 1e-4
     for step in (0, 6):

@@ -91,15 +91,18 @@ def test_value_and_grad_draws_once_and_matches_clip_on_the_drawn_text():
     params = jax.jit(lambda k: nn.meta.unbox(method.init_params(k, batch)))(jax.random.key(0))
     rng = jax.random.key(5)
     (loss, (metrics, _)), _ = jax.jit(method.value_and_grad)(params, {}, batch, rng, 0)
-    k_text, k_rest = jax.random.split(rng)
-    drawn, _ = method.choose_text(batch, k_text)
-    assert "captions" not in drawn
-    clip_loss = jax.jit(lambda p, d: ContrastiveMethod.loss(method, p, {}, d, k_rest, 0)[0])(
+    drawn = method.prepare_batch(batch, method.prepare_key(rng))
+    assert "captions" not in drawn and drawn["caption_index"].shape == (b,)
+    assert (np.asarray(drawn["text"]) != np.asarray(batch["text"])).any()   # texts were drawn
+    clip_loss = jax.jit(lambda p, d: ContrastiveMethod.loss(method, p, {}, d, rng, 0)[0])(
         params, drawn)
     np.testing.assert_allclose(loss, clip_loss, rtol=1e-5)
-    assert "caption_index_mean" in metrics
+    np.testing.assert_allclose(metrics["laclip/caption_index_mean"],
+                               np.mean(np.asarray(drawn["caption_index"])), rtol=1e-6)
     with pytest.raises(ValueError, match="all_captions"):
-        method.loss(params, {}, {"image": batch["image"], "text": batch["text"]}, rng, 0)
+        method.prepare_batch({"image": batch["image"], "text": batch["text"]}, rng)
+    with pytest.raises(ValueError, match="prepared"):
+        method.loss(params, {}, batch, rng, 0)
 
 
 # ----------------------------------------------------------------------------- rewrites
@@ -173,6 +176,6 @@ def test_laclip_learns_far_above_chance(shapes_data_config, tmp_path):
     assert rows[-1]["train/loss"] < rows[0]["train/loss"]
     ev = result["eval"]
     print("LaCLIP eval", ev, "train", result["train"])
-    assert result["train"]["caption_index_mean"] > 0.2           # not always the first caption
+    assert result["train"]["laclip/caption_index_mean"] > 0.2           # not always the first caption
     assert ev["zeroshot/top1"] > 3 * ev["zeroshot/chance"], ev
     assert ev["retrieval/t2i_r10"] > 3 * 10 / 128 * 100, ev

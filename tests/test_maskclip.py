@@ -111,9 +111,9 @@ def test_loss_is_the_weighted_sum_of_its_terms():
     params = _init(method, batch)
     aux = method.init_aux(params)
     loss, metrics, _ = jax.jit(method.loss)(params, aux, batch, jax.random.key(1), jnp.array(0))
-    assert np.isfinite(float(loss)) and float(metrics["mim_loss"]) > 0
+    assert np.isfinite(float(loss)) and float(metrics["loss/mim"]) > 0
     np.testing.assert_allclose(
-        loss, metrics["itc_loss"] + 0.5 * metrics["mim_loss"] + 2.0 * metrics["text_mask_loss"],
+        loss, metrics["loss/itc"] + 0.5 * metrics["loss/mim"] + 2.0 * metrics["loss/text"],
         rtol=1e-5)
 
 
@@ -149,7 +149,7 @@ def test_maskclip_learns_far_above_chance(shapes_data_config, tmp_path):
     assert config.method.text_objective == "distill" and config.method.mim_weight == 1.0
     result = train_and_evaluate(config, str(tmp_path), progress=False)
     rows = [r for r in read_metrics(str(tmp_path)) if "train/loss" in r]
-    for key in ("train/itc_loss", "train/mim_loss", "train/text_mask_loss"):
+    for key in ("train/loss/itc", "train/loss/mim", "train/loss/text"):
         assert rows[-1][key] < rows[0][key], key
     ev = result["eval"]
     print("MaskCLIP eval", ev, "train", result["train"])

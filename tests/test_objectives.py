@@ -150,3 +150,39 @@ def test_ema_teacher_update_selection_and_full_params():
     chex.assert_trees_all_close(full["enc"], new["enc"])
     with pytest.raises(ValueError, match="momentum"):
         EmaTeacher(1.0)
+
+
+def test_override_terms_applies_schedule_fields_and_rejects_unknowns():
+    from vlp_jax.objectives.core import override_terms
+    terms = [Term(_const("itc", 1.0)), Term(_const("ssl", 1.0), weight=0.5)]
+    out = override_terms(terms, {"ssl": {"weight": 2, "ramp_steps": 10}})
+    assert [(t.name, t.weight, t.ramp_steps) for t in out] == [("itc", 1.0, 0), ("ssl", 2.0, 10)]
+    assert [t.name for t in override_terms(terms, {"ssl": {"weight": 0.0}})] == ["itc"]
+    with pytest.raises(ValueError, match="valid: \\['itc', 'ssl'\\]"):
+        override_terms(terms, {"mlm": {}})
+    with pytest.raises(ValueError, match="unknown fields \\['wieght'\\]"):
+        override_terms(terms, {"ssl": {"wieght": 1.0}})
+
+
+def test_lazy_outputs_are_computed_once_per_run_and_only_where_read():
+    from vlp_jax.objectives import LazyOutputs
+    calls = []
+
+    def forward():
+        calls.append(1)
+        return jnp.float32(2.0)
+
+    reader = lambda name: FnObjective(name, lambda inp: (inp.outputs["shared"] * inp.params["w"],
+                                                         {}))
+    terms = [Term(reader("itm")), Term(reader("wpa"), task="itm"), Term(_const("mlm", 1.0))]
+    outputs = LazyOutputs({"eager": 1}, {"shared": forward})
+    params = {"w": jnp.float32(1.0)}
+    loss = Combiner(terms)(params, outputs, {}, jax.random.key(0), 0)[0]
+    assert len(calls) == 1 and float(loss) == 2.0 + 2.0 + 1.0     # one forward, two readers
+    calls.clear()
+    jax.eval_shape(lambda p: Combiner(terms, mixing="sample")(
+        p, outputs, {}, jax.random.key(0), 0)[0], params)
+    # the sampler traces each branch twice (metric shapes, then lax.switch): 2 calls from the
+    # itm branch, none from the mlm branch, which does not read it
+    assert len(calls) == 2
+    assert "shared" in outputs and outputs["eager"] == 1

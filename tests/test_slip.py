@@ -12,7 +12,7 @@ from vlp_jax.config_args import load_config
 from vlp_jax.losses.simclr import nt_xent_loss
 from vlp_jax.methods.registry import build_method
 from vlp_jax.methods.slip import HEAD
-from vlp_jax.methods.ssl_common import image_features
+from vlp_jax.methods.ssl_common import ProjectionMLP, image_features
 from vlp_jax.parallel.mesh import make_mesh
 from vlp_jax.train.metrics_log import read_metrics
 from vlp_jax.train.trainer import train_and_evaluate
@@ -56,14 +56,16 @@ def test_loss_is_clip_plus_weighted_nt_xent_of_the_projected_views():
     loss, metrics, _ = jax.jit(slip.loss)(params, {}, batch, jax.random.key(1), jnp.array(0))
     clip_params = {k: v for k, v in params.items() if k != HEAD}
     clip_loss, _, _ = jax.jit(clip.loss)(clip_params, {}, batch, jax.random.key(1), jnp.array(0))
-    np.testing.assert_allclose(metrics["itc_loss"], clip_loss, rtol=1e-5)
+    np.testing.assert_allclose(metrics["loss/itc"], clip_loss, rtol=1e-5)
+    assert set(params[HEAD]) == {"fc0", "ln0", "fc1", "ln1", "fc2"}   # a Flax-initialised head
 
     def project(images):
         pooled = image_features(slip.model, params, images)[1]
-        return slip._head.apply({"params": params[HEAD]}, pooled)
+        return ProjectionMLP(32, 8).apply({"params": params[HEAD]}, pooled)
 
     ssl_ref, _ = nt_xent_loss(project(batch["image"]), project(batch["image2"]), 0.2)
-    np.testing.assert_allclose(metrics["ssl_loss"], ssl_ref, rtol=1e-4)
+    np.testing.assert_allclose(metrics["loss/ssl"], ssl_ref, rtol=1e-4)
+    assert "ssl/ssl_acc" in metrics and "itc/itc_acc_i2t" in metrics
     np.testing.assert_allclose(loss, clip_loss + 0.5 * ssl_ref, rtol=1e-4)
 
 
@@ -85,9 +87,9 @@ def test_slip_learns_far_above_chance(shapes_data_config, tmp_path):
                                     ssl_mlp_dim=64, ssl_emb_dim=32)
     assert config.data.two_views and config.method.ssl_weight == 1.0
     result = train_and_evaluate(config, str(tmp_path), progress=False)
-    rows = [r for r in read_metrics(str(tmp_path)) if "train/ssl_loss" in r]
-    assert rows[-1]["train/ssl_loss"] < rows[0]["train/ssl_loss"]
-    assert rows[-1]["train/itc_loss"] < rows[0]["train/itc_loss"]
+    rows = [r for r in read_metrics(str(tmp_path)) if "train/loss/ssl" in r]
+    assert rows[-1]["train/loss/ssl"] < rows[0]["train/loss/ssl"]
+    assert rows[-1]["train/loss/itc"] < rows[0]["train/loss/itc"]
     ev = result["eval"]
     print("SLIP eval", ev, "train", result["train"])
     assert ev["zeroshot/top1"] > 3 * ev["zeroshot/chance"], ev

@@ -21,7 +21,13 @@ What is implemented (after the paper and its public code, re-derived here):
          two views' pooled outputs through a projection MLP;
        `distill_weight` x online-to-EMA distillation (BYOL-style): predictor(projector(student
          pooled of the masked view)) against the EMA projector of the teacher's pooled output of
-         the full view, distance 1 - cos.
+         the full view, A-CLIP's loss 2 * mean ||n(p) - n(z)||^2 = 2 * mean(2 - 2 cos)
+         = 4 * mean(1 - cos) (`objectives.contrastive.byol_loss`), averaged over the views.
+
+Objectives (`vlp_jax.objectives`): `itc` (the CLIP loss averaged over the masked views), `ssl`
+(weight ssl_weight, views=2 only), `distill` (weight distill_weight); the heads `aclip_ssl`,
+`aclip_proj`, `aclip_pred` are Flax modules beside the dual encoder (`methods.heads`); the EMA
+teacher averages the dual encoder and `aclip_proj` (the predictor is online-only).
 
 config.method fields: keep_ratio, score, ema_momentum, views, ssl_weight, ssl_temperature,
 ssl_mlp_dim, ssl_emb_dim, distill_weight.
@@ -34,13 +40,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlp_jax.losses.contrastive import inverse_temperature
-from vlp_jax.losses.masked_distill import feature_distance
 from vlp_jax.methods.contrastive import ContrastiveMethod
-from vlp_jax.methods.ema import EmaTeacherMixin
-from vlp_jax.methods.ssl_common import (ProjectionMLP, head_input, image_features, init_head,
-                                        patch_count, patch_tokens, project_patch_tokens,
-                                        require_accumulation_none, require_key, ssl_loss_fn)
+from vlp_jax.methods.ssl_common import (DUAL_ENCODER_KEYS, ProjectionMLP, image_features,
+                                        patch_count, patch_tokens, pooled_example,
+                                        project_patch_tokens, require_accumulation_none,
+                                        require_key)
+from vlp_jax.objectives.contrastive import (MultiViewContrastiveObjective,
+                                            OnlineToEmaDistillObjective, SimclrObjective)
+from vlp_jax.objectives.core import Term
+from vlp_jax.objectives.teacher import EmaTeacher
 from vlp_jax.nn.attention import MultiHeadAttention
 from vlp_jax.nn.transformer import EncoderBlock
 
@@ -98,10 +106,9 @@ def _no_remat(model: nn.Module) -> nn.Module:
 
 
 @dataclasses.dataclass
-class AClipMethod(EmaTeacherMixin, ContrastiveMethod):
+class AClipMethod(ContrastiveMethod):
 
-    def __post_init__(self):
-        super().__post_init__()
+    def setup(self):
         cfg = self.config
         require_accumulation_none(cfg, "A-CLIP")
         if cfg.get("mask_ratio", 0.0):
@@ -114,30 +121,39 @@ class AClipMethod(EmaTeacherMixin, ContrastiveMethod):
         ratio = cfg.get("keep_ratio", 0.5)
         if not 0.0 < ratio <= 1.0:
             raise ValueError(f"method.keep_ratio must be in (0, 1], got {ratio}")
-        self.ema_momentum()
         self._num_patches = patch_count(self.model)
         self._keep = max(1, int(round(self._num_patches * ratio)))
         self._teacher_model = _no_remat(self.model)
         self._ssl_w = cfg.get("ssl_weight", 0.0) if cfg.get("views", 1) == 2 else 0.0
         self._distill_w = cfg.get("distill_weight", 0.0)
-        mlp, emb = cfg.get("ssl_mlp_dim", 256), cfg.get("ssl_emb_dim", 64)
-        self._ssl_head = ProjectionMLP(mlp, emb)
-        self._proj = ProjectionMLP(mlp, emb, num_layers=2)
-        self._pred = ProjectionMLP(mlp, emb, num_layers=2)
-        self._ssl = ssl_loss_fn(self.mesh, cfg.get("ssl_temperature", 0.1))
-        self.extra_teacher_keys = ("aclip_proj",) if self._distill_w else ()
 
-    def init_params(self, rng, batch):
-        keys = jax.random.split(rng, 4)
-        params = dict(super().init_params(keys[0], batch))
-        x = head_input(self.model, params, batch["image"])
+    def heads(self):
+        mlp, emb = self.config.get("ssl_mlp_dim", 256), self.config.get("ssl_emb_dim", 64)
+        heads = []
         if self._ssl_w:
-            params["aclip_ssl"] = init_head(self._ssl_head, keys[1], x)
+            heads.append(("aclip_ssl", ProjectionMLP(mlp, emb), pooled_example))
         if self._distill_w:
-            params["aclip_proj"] = init_head(self._proj, keys[2], x)
-            params["aclip_pred"] = init_head(self._pred, keys[3],
-                                             self._proj.apply({"params": params["aclip_proj"]}, x))
-        return params
+            heads.append(("aclip_proj", ProjectionMLP(mlp, emb, num_layers=2), pooled_example))
+            heads.append(("aclip_pred", ProjectionMLP(mlp, emb, num_layers=2),
+                          lambda base, images, tokens: (jnp.zeros((1, emb)),)))
+        return tuple(heads)
+
+    def teacher(self):
+        extra = ("aclip_proj",) if self._distill_w else ()
+        return EmaTeacher(float(self.config.get("ema_momentum", 0.99)),
+                          include=DUAL_ENCODER_KEYS + extra)
+
+    def terms(self):
+        itc = MultiViewContrastiveObjective(self.mesh, self.config.get("loss", "softmax"))
+        terms = [Term(itc)]
+        if self._ssl_w:
+            ssl = SimclrObjective(self.mesh, self.apply_head, "aclip_ssl",
+                                  self.config.get("ssl_temperature", 0.1))
+            terms.append(Term(ssl, weight=float(self._ssl_w)))
+        if self._distill_w:
+            distill = OnlineToEmaDistillObjective(self.apply_head, "aclip_proj", "aclip_pred")
+            terms.append(Term(distill, weight=float(self._distill_w)))
+        return terms
 
     def teacher_view(self, teacher, images, text):
         """Scores [B, N] of the full view and the teacher's pooled output [B, W]."""
@@ -149,7 +165,7 @@ class AClipMethod(EmaTeacherMixin, ContrastiveMethod):
             patches = project_patch_tokens(self.model, teacher,
                                            patch_tokens(tokens, self._num_patches))
             v = self.model.apply({"params": teacher}, text, method="encode_text")
-            scale = inverse_temperature(teacher["logit_scale"])
+            scale = jnp.exp(teacher["logit_scale"].astype(jnp.float32))
             by_text = text_scores(patches, v, scale)
             if kind == "text":
                 scores = by_text
@@ -162,38 +178,24 @@ class AClipMethod(EmaTeacherMixin, ContrastiveMethod):
         scores, pooled = self.teacher_view(teacher, images, text)
         return attentive_keep_ids(scores, self._keep), pooled
 
-    def loss(self, params, aux, batch, rng, step, masked=True):
+    def views(self, batch):
         views = ["image"] + (["image2"] if self.config.get("views", 1) == 2 else [])
         for key in views[1:]:
             require_key(batch, key, "A-CLIP views=2", "data.two_views=True")
+        return views
+
+    def forward(self, params, aux, batch, rng, masked=True):
+        """Per view: the teacher's keep ids [B, K] of the full image and pooled output [B, W],
+        the student's embedding [B, D] and pooled output [B, W] of the kept patches; the
+        caption's embedding [B, D] once."""
         teacher = jax.lax.stop_gradient(aux["teacher"])
         v = self.model.apply({"params": params}, batch["text"], method="encode_text")
-        itcs, pooled, pooled_t, metrics = [], [], [], {}
-        for key in views:
+        out = dict(image_embs=[], text_emb=v, pooled=[], teacher_pooled=[], keep_ids=[])
+        for key in self.views(batch):
             ids, p_t = self.keep_ids_for(teacher, batch[key], batch["text"])
             u, p_s, _ = image_features(self.model, params, batch[key], ids if masked else None)
-            itc, metrics = self.itc((u, v), self.scalars(params))
-            itcs.append(itc)
-            pooled.append(p_s)
-            pooled_t.append(p_t)
-        itc = sum(itcs) / len(itcs)
-        loss, metrics = itc, dict(metrics, itc_loss=itc)
-        if self._ssl_w:
-            head = lambda x: self._ssl_head.apply({"params": params["aclip_ssl"]}, x)
-            ssl, ssl_metrics = self._ssl(head(pooled[0]), head(pooled[1]))
-            loss = loss + self._ssl_w * ssl
-            metrics.update(ssl_metrics, ssl_loss=ssl)
-        if self._distill_w:
-            distill = sum(self._distill(params, teacher, s, t) for s, t in zip(pooled, pooled_t))
-            distill = distill / len(views)
-            loss = loss + self._distill_w * distill
-            metrics["distill_loss"] = distill
-        return loss, metrics, aux
-
-    def _distill(self, params, teacher, student_pooled, teacher_pooled):
-        """BYOL-style: pred(proj(student)) vs EMA proj(teacher), mean of 1 - cos over the batch."""
-        online = self._pred.apply({"params": params["aclip_pred"]},
-                                  self._proj.apply({"params": params["aclip_proj"]},
-                                                   student_pooled))
-        target = self._proj.apply({"params": teacher["aclip_proj"]}, teacher_pooled)
-        return jnp.mean(feature_distance(online, target, "cosine"))
+            out["keep_ids"].append(ids)
+            out["image_embs"].append(u)
+            out["pooled"].append(p_s)
+            out["teacher_pooled"].append(p_t)
+        return out

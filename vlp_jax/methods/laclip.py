@@ -11,6 +11,10 @@ Candidates come as `batch[captions_key]` int32 [B, K, L] (`data.all_captions=Tru
 first token is the pad id is an absent candidate (examples may have fewer than K), and an example
 with no candidate row falls back to `batch['text']`. Evaluation is the plain dual encoder.
 
+The draw is the method's `prepare_batch` step (run once per step before differentiation, so
+GradCache's micro-batches see the drawn texts); the loss takes the prepared batch. Metric:
+`laclip/caption_index_mean`.
+
 config.method fields (besides ContrastiveMethod's):
   captions_key: the batch key of the candidates.
   sampling: 'uniform' (LaCLIP) or 'first' (always candidate 0: the no-augmentation baseline).
@@ -57,12 +61,10 @@ def sample_captions(rng: jax.Array, candidates: jax.Array, fallback: jax.Array, 
 @dataclasses.dataclass
 class LaClipMethod(ContrastiveMethod):
 
-    def __post_init__(self):
-        super().__post_init__()
+    def setup(self):
         sampling = self.config.get("sampling", "uniform")
         if sampling not in SAMPLING:
             raise ValueError(f"method.sampling {sampling!r} is unknown; valid: {SAMPLING}")
-        self._drawn = False
 
     def choose_text(self, batch, rng):
         """(batch with `text` drawn among the candidates and the candidates dropped, index [B])."""
@@ -73,27 +75,31 @@ class LaClipMethod(ContrastiveMethod):
         rest = {k: v for k, v in batch.items() if k != key}
         return dict(rest, text=tokens), idx
 
-    def loss(self, params, aux, batch, rng, step, masked=True):
-        if self._drawn:   # inside value_and_grad: the texts are already drawn
-            return super().loss(params, aux, batch, rng, step, masked)
+    def prepare_batch(self, batch, rng):
+        """Draws each example's text among its candidates (once per step, before
+        differentiation), keeping the chosen index as batch['caption_index'] int32 [B]; then
+        ContrastiveMethod's preparation (FLIP masks)."""
         k_text, k_rest = jax.random.split(rng)
         batch, idx = self.choose_text(batch, k_text)
-        loss, metrics, aux = super().loss(params, aux, batch, k_rest, step, masked)
-        return loss, dict(metrics, caption_index_mean=_mean(idx)), aux
+        return super().prepare_batch(dict(batch, caption_index=idx), k_rest)
+
+    def loss(self, params, aux, batch, rng, step, masked=True):
+        key = self.config.get("captions_key", DEFAULT_CAPTIONS_KEY)
+        if key in batch or "caption_index" not in batch:
+            raise ValueError("LaCLIP's loss takes a prepared batch (method.prepare_batch draws "
+                             "the captions); this one has not been prepared")
+        loss, metrics, aux = super().loss(params, aux, batch, rng, step, masked)
+        return loss, dict(metrics, **caption_metrics(batch)), aux
 
     def value_and_grad(self, params, aux, batch, rng, step):
-        """Draws the texts once, then runs ContrastiveMethod's gradient path (FLIP masking,
-        GradCache and plain accumulation included) on the drawn batch."""
-        k_text, k_rest = jax.random.split(rng)
-        batch, idx = self.choose_text(batch, k_text)
-        self._drawn = True            # trace-time flag: `loss` must not draw a second time
-        try:
-            (loss, (metrics, aux)), grads = super().value_and_grad(params, aux, batch, k_rest,
-                                                                   step)
-        finally:
-            self._drawn = False
-        return (loss, (dict(metrics, caption_index_mean=_mean(idx)), aux)), grads
+        """ContrastiveMethod's gradient path (FLIP masking, GradCache and plain accumulation
+        included) on the batch with the drawn texts."""
+        prepared = self.prepare_batch(batch, self.prepare_key(rng))
+        idx_metrics = caption_metrics(prepared)
+        (loss, (metrics, aux)), grads = super().value_and_grad(params, aux, batch, rng, step)
+        return (loss, (dict(metrics, **idx_metrics), aux)), grads
 
 
-def _mean(idx: jax.Array) -> jax.Array:
-    return jnp.mean(idx.astype(jnp.float32))
+def caption_metrics(batch: dict) -> dict:
+    """laclip/caption_index_mean: the mean chosen candidate index (-1 = fallback)."""
+    return {"laclip/caption_index_mean": jnp.mean(batch["caption_index"].astype(jnp.float32))}

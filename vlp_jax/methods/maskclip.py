@@ -20,6 +20,9 @@ L_text (`text_objective`):
   'mlm': the same corruption, but the predictor's output is read out against the tied token
     embedding (`TextTransformer.attend`) and trained with cross-entropy on the original ids.
 The EMA teacher (aux['teacher'], momentum `ema_momentum`) holds the dual encoder's parameters.
+Objectives (`vlp_jax.objectives`): `itc`, `mim` (weight mim_weight), `text` (weight
+text_weight; metric text/mlm_acc with 'mlm'); the decoders are Flax heads beside the dual
+encoder (`methods.heads`).
 
 config.method fields: mim_mask_ratio, mim_weight, text_weight, text_mask_prob, text_objective,
 distance, normalize_target, decoder_depth, decoder_width, decoder_heads, ema_momentum.
@@ -35,10 +38,11 @@ import optax
 from vlp_jax.losses.masked_distill import (DISTANCES, bert_mask_tokens, layer_normalize,
                                            mask_from_keep_ids, masked_feature_loss)
 from vlp_jax.methods.contrastive import ContrastiveMethod
-from vlp_jax.methods.ema import EmaTeacherMixin
-from vlp_jax.methods.ssl_common import (MaskedTokenPredictor, TextTokenPredictor,
-                                        image_features, init_head, patch_count, patch_tokens,
-                                        require_accumulation_none, text_features)
+from vlp_jax.methods.ssl_common import (DUAL_ENCODER_KEYS, MaskedTokenPredictor,
+                                        TextTokenPredictor, image_features, patch_count,
+                                        patch_tokens, require_accumulation_none, text_features)
+from vlp_jax.objectives.core import FnObjective, Term
+from vlp_jax.objectives.teacher import EmaTeacher
 from vlp_jax.models.vit import random_keep_ids
 
 TEXT_OBJECTIVES = ("distill", "mlm")
@@ -46,10 +50,9 @@ IMAGE_HEAD, TEXT_HEAD = "maskclip_image_decoder", "maskclip_text_decoder"
 
 
 @dataclasses.dataclass
-class MaskClipMethod(EmaTeacherMixin, ContrastiveMethod):
+class MaskClipMethod(ContrastiveMethod):
 
-    def __post_init__(self):
-        super().__post_init__()
+    def setup(self):
         cfg = self.config
         require_accumulation_none(cfg, "MaskCLIP")
         ratio = cfg.get("mim_mask_ratio", 0.75)
@@ -63,50 +66,50 @@ class MaskClipMethod(EmaTeacherMixin, ContrastiveMethod):
         if cfg.get("text_weight", 1.0) and self.vocab.get("mask_id") is None:
             raise ValueError("MaskCLIP's text objective needs a tokenizer mask_id "
                              "(or set method.text_weight=0)")
-        self.ema_momentum()
         self._num_patches = patch_count(self.model)
         self._keep = max(1, int(round(self._num_patches * (1.0 - ratio))))
         self._image_w, self._text_w = cfg.get("mim_weight", 1.0), cfg.get("text_weight", 1.0)
         self._distance = cfg.get("distance", "cosine")
+
+    def heads(self):
+        cfg = self.config
         image_width, text_width = self.model.image_tower.width, self.model.text_tower.width
         depth, heads = cfg.get("decoder_depth", 1), cfg.get("decoder_heads", 2)
-        self._image_decoder = MaskedTokenPredictor(cfg.get("decoder_width", image_width), depth,
-                                                   heads, image_width)
-        self._text_decoder = TextTokenPredictor(depth, heads, text_width)
-
-    def init_params(self, rng, batch):
-        k_model, k_img, k_txt = jax.random.split(rng, 3)
-        params = dict(super().init_params(k_model, batch))
+        keep, n = self._keep, self._num_patches
+        out = []
         if self._image_w:
-            width = self.model.image_tower.width
-            params[IMAGE_HEAD] = init_head(
-                self._image_decoder, k_img, jnp.zeros((1, self._keep, width)),
-                jnp.zeros((1, self._keep), jnp.int32), self._num_patches)
+            decoder = MaskedTokenPredictor(cfg.get("decoder_width", image_width), depth, heads,
+                                           image_width)
+            out.append((IMAGE_HEAD, decoder, lambda base, images, tokens: (
+                jnp.zeros((1, keep, image_width)), jnp.zeros((1, keep), jnp.int32), n)))
         if self._text_w:
-            length = batch["text"].shape[1]
-            params[TEXT_HEAD] = init_head(
-                self._text_decoder, k_txt, jnp.zeros((1, length, self.model.text_tower.width)),
-                jnp.ones((1, length), bool))
-        return params
+            decoder = TextTokenPredictor(depth, heads, text_width)
+            out.append((TEXT_HEAD, decoder, lambda base, images, tokens: (
+                jnp.zeros((1, tokens.shape[1], text_width)),
+                jnp.ones((1, tokens.shape[1]), bool))))
+        return tuple(out)
 
-    def loss(self, params, aux, batch, rng, step, masked=True):
-        k_img, k_txt = jax.random.split(rng)
-        teacher = jax.lax.stop_gradient(aux["teacher"])
-        u = self.model.apply({"params": params}, batch["image"], method="encode_image")
-        v = self.model.apply({"params": params}, batch["text"], method="encode_text")
-        itc, metrics = self.itc((u, v), self.scalars(params))
-        loss, metrics = itc, dict(metrics, itc_loss=itc)
+    def teacher(self):
+        return EmaTeacher(float(self.config.get("ema_momentum", 0.99)), include=DUAL_ENCODER_KEYS)
+
+    def terms(self):
+        terms = super().terms()
         if self._image_w:
-            mim = self.image_loss(params, teacher, batch["image"], k_img)
-            loss = loss + self._image_w * mim
-            metrics["mim_loss"] = mim
+            terms.append(Term(FnObjective("mim", self._image_objective),
+                              weight=float(self._image_w)))
         if self._text_w:
-            txt, acc = self.text_loss(params, teacher, batch["text"], k_txt)
-            loss = loss + self._text_w * txt
-            metrics["text_mask_loss"] = txt
-            if acc is not None:
-                metrics["mlm_acc"] = acc
-        return loss, metrics, aux
+            terms.append(Term(FnObjective("text", self._text_objective),
+                              weight=float(self._text_w)))
+        return terms
+
+    def _image_objective(self, inp):
+        teacher = jax.lax.stop_gradient(inp.shared["teacher"])
+        return self.image_loss(inp.params, teacher, inp.batch["image"], inp.rng), {}
+
+    def _text_objective(self, inp):
+        teacher = jax.lax.stop_gradient(inp.shared["teacher"])
+        loss, acc = self.text_loss(inp.params, teacher, inp.batch["text"], inp.rng)
+        return loss, ({} if acc is None else {"mlm_acc": acc})
 
     def image_loss(self, params, teacher, images, rng):
         """Masked self-distillation of the image tower: [] loss."""
@@ -117,8 +120,7 @@ class MaskClipMethod(EmaTeacherMixin, ContrastiveMethod):
         target = patch_tokens(target, n)
         if self.config.get("normalize_target", True):
             target = layer_normalize(target)
-        pred = self._image_decoder.apply({"params": params[IMAGE_HEAD]},
-                                         patch_tokens(tokens, self._keep), keep_ids, n)
+        pred = self.apply_head(params, IMAGE_HEAD, patch_tokens(tokens, self._keep), keep_ids, n)
         return masked_feature_loss(pred, target, mask_from_keep_ids(keep_ids, n), self._distance)
 
     def text_loss(self, params, teacher, text, rng):
@@ -129,7 +131,7 @@ class MaskClipMethod(EmaTeacherMixin, ContrastiveMethod):
         corrupted, chosen = bert_mask_tokens(rng, text, vocab["mask_id"], vocab["vocab_size"],
                                              special, self.config.get("text_mask_prob", 0.15))
         _, _, tokens, valid = text_features(self.model, params, corrupted)
-        pred = self._text_decoder.apply({"params": params[TEXT_HEAD]}, tokens, valid)
+        pred = self.apply_head(params, TEXT_HEAD, tokens, valid)
         if self.config.get("text_objective", "distill") == "distill":
             _, _, target, _ = text_features(self.model, teacher, text)
             if self.config.get("normalize_target", True):

@@ -2,27 +2,29 @@
 heads they add next to the dual encoder (SimCLR projector, online predictor, token predictors),
 helpers that read the dual encoder's towers beyond the pooled embedding, and config checks.
 
-The heads' parameters live beside the `DualEncoder`'s in the same params dict, under their own
+The heads are Flax modules initialised by Flax with the dual encoder (`methods.heads.WithHeads`):
+their parameters live beside the `DualEncoder`'s in the same flat params dict, under their own
 top-level key (e.g. params['slip_head']); `DualEncoder.apply` ignores keys it does not own, so
-the evaluators' `encode_image` / `encode_text` and every ContrastiveMethod helper work unchanged.
+the predict functions and every ContrastiveMethod helper work unchanged.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlp_jax.losses.simclr import nt_xent_loss
-
 from vlp_jax.models.dual_encoder import l2_normalize
 from vlp_jax.nn.attention import make_attention_mask
 from vlp_jax.nn.partitioning import dense_init, logical, ones, zeros
 from vlp_jax.nn.patch_embed import PositionEmbedding
 from vlp_jax.nn.transformer import Encoder
-from vlp_jax.parallel.sharding import shard_batch_fn
+
+# The dual encoder's top-level parameter names (the EMA teachers of A-CLIP / MaskCLIP average
+# these; `logit_bias` exists only for sigmoid losses).
+DUAL_ENCODER_KEYS = ("image_tower", "text_tower", "image_proj", "text_proj", "logit_scale",
+                     "logit_bias")
 
 
 class ProjectionMLP(nn.Module):
@@ -105,11 +107,6 @@ class TextTokenPredictor(nn.Module):
                         kernel_init=dense_init(("embed", None)), bias_init=zeros((None,)))(x)
 
 
-def init_head(module: nn.Module, rng: jax.Array, *example_inputs) -> Any:
-    """Boxed (logically annotated) parameters of a head, from example inputs."""
-    return module.init(rng, *example_inputs)["params"]
-
-
 def image_features(model: nn.Module, params, images, keep_ids=None):
     """(embedding [B, D] unit-norm, pooled [B, W], tokens [B, T, W]) of the image tower.
 
@@ -162,13 +159,6 @@ def require_key(batch: dict, key: str, method: str, flag: str) -> None:
         raise ValueError(f"{method} needs batch[{key!r}]; set {flag} (batch keys: {sorted(batch)})")
 
 
-def ssl_loss_fn(mesh, temperature: float):
-    """NT-Xent over the whole (sharded) batch: (view1 [B, D], view2 [B, D]) -> (loss, metrics)."""
-    return shard_batch_fn(functools.partial(nt_xent_loss, temperature=temperature), mesh, 2, 0)
-
-
-def head_input(model: nn.Module, params, images) -> jax.ShapeDtypeStruct:
-    """Shape of the image tower's pooled output for one image (heads are sized from it)."""
-    pooled = jax.eval_shape(lambda p: image_features(model, p, images[:1])[1],
-                            nn.meta.unbox(params))
-    return jnp.zeros(pooled.shape, pooled.dtype)
+def pooled_example(base: nn.Module, images, tokens) -> tuple:
+    """A head's example input inside `WithHeads.init`: the image tower's pooled output [B, W]."""
+    return (base.image_tower(images)[0],)

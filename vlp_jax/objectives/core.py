@@ -39,6 +39,30 @@ from vlp_jax.losses.task_sampler import sample_task
 MIXING = ("sum", "sample")
 
 
+class LazyOutputs(dict):
+    """Model outputs computed on first use: `producers` {name: fn() -> value} next to eager
+    values. The combiner hands each run (each sampled task's branch) a fresh memo, so a
+    forward pass shared by several objectives (ViLT's ITM pairs, read by ITM and WPA) is traced
+    once per branch and only in the branches whose objectives read it."""
+
+    def __init__(self, eager: dict | None = None, producers: dict | None = None):
+        super().__init__(eager or {})
+        self.producers = dict(producers or {})
+
+    def __missing__(self, key):
+        if key not in self.producers:
+            raise KeyError(key)
+        value = self[key] = self.producers[key]()
+        return value
+
+    def __contains__(self, key):
+        return dict.__contains__(self, key) or key in self.producers
+
+    def fresh(self) -> "LazyOutputs":
+        return LazyOutputs({k: v for k, v in self.items() if k not in self.producers},
+                           self.producers)
+
+
 @dataclasses.dataclass(frozen=True)
 class ObjectiveInput:
     params: Any
@@ -165,6 +189,8 @@ class Combiner:
 
     def _run(self, indices, params, outputs, batch, rng, step, state, shared):
         total, metrics, state = jnp.zeros((), jnp.float32), {}, dict(state)
+        if isinstance(outputs, LazyOutputs):
+            outputs = outputs.fresh()
         for i in indices:
             t = self.terms[i]
             inp = ObjectiveInput(params=params, outputs=outputs, batch=batch,
@@ -235,3 +261,32 @@ def parse_terms(section, build: Callable[[str, dict], Objective],
                           ramp_steps=int(term_fields.get("ramp_steps", 0)),
                           task=term_fields.get("task")))
     return terms
+
+
+SCHEDULE_FIELDS = ("weight", "start_step", "ramp_steps", "task")
+
+
+def override_terms(terms: Sequence[Term], section, where: str = "method.objectives"
+                   ) -> list[Term]:
+    """The method's default terms with the experiment file's `method.objectives` entries
+    {name: {weight, start_step, ramp_steps, task}} applied; an unknown objective name or field
+    raises (naming the valid ones). A term whose final weight is 0 and is not scheduled is
+    dropped (not computed)."""
+    section = dict(section or {})
+    by_name = {t.name: t for t in terms}
+    unknown = set(section) - set(by_name)
+    if unknown:
+        raise ValueError(f"{where} names objectives {sorted(unknown)} this method does not have; "
+                         f"valid: {sorted(by_name)}")
+    out = []
+    for t in terms:
+        entry = dict(section.get(t.name) or {})
+        bad = set(entry) - set(SCHEDULE_FIELDS)
+        if bad:
+            raise ValueError(f"{where}.{t.name} has unknown fields {sorted(bad)}; valid: "
+                             f"{list(SCHEDULE_FIELDS)}")
+        t = dataclasses.replace(t, **{k: (v if k == "task" else type(getattr(t, k))(v))
+                                      for k, v in entry.items()})
+        if t.weight != 0 or t.scheduled:
+            out.append(t)
+    return out
