@@ -5,6 +5,8 @@ each model's builder; a new model declares its fields here (or beside its builde
 
 `mlp_dim` defaults to 4 * width everywhere (the builders' fallback)."""
 from vlp_jax.config_schema import Derived, Field, Select, Seq, Sub, declare
+from vlp_jax.nn.attention import IMPLEMENTATIONS
+from vlp_jax.nn.transformer import REMAT_POLICIES
 
 FOUR_WIDTH = Derived(lambda section, root: 4 * section.width, "4 * width")
 
@@ -15,13 +17,11 @@ declare(
                                "model named by model.name"),
     dtype=Field(str, "float32", choices=("float32", "bfloat16"), doc="activation dtype"),
     remat=Field(bool, False, doc="rematerialise each transformer block"),
-    remat_policy=Field(str, "nothing_saveable",
-                       choices=("nothing_saveable", "dots_saveable",
-                                "dots_with_no_batch_dims_saveable", "everything_saveable"),
+    remat_policy=Field(str, "nothing_saveable", choices=REMAT_POLICIES,
                        doc="jax.checkpoint_policies name used when remat=True"),
     scan_layers=Field(bool, False, doc="nn.scan over identical layers"),
-    dropout_rate=Field(float, 0.0),
-    attention_implementation=Field(str, None, choices=(None, "xla", "cudnn"),
+    dropout_rate=Field(float, 0.0, doc="dropout in every block (needs a 'dropout' rng)"),
+    attention_implementation=Field(str, None, choices=IMPLEMENTATIONS,
                                    doc="jax.nn.dot_product_attention's implementation "
                                        "(None: JAX chooses)"),
 )
