@@ -103,3 +103,95 @@ def test_process_killed_during_save_leaves_the_previous_checkpoint_valid(tmp_pat
     ckpt.close()
     assert data == {"position": step}
     assert float(state["w"][0, 0, 0]) == float(step) and float(state["w"][-1, -1, -1]) == step
+
+
+# ------------------------------------------------- config.init / config.frozen, errors
+
+def test_splice_mapped_copies_a_source_prefix_into_another_destination():
+    from vlp_jax.train.warm_start import WarmStartError, check_mapping, splice_mapped
+    params = {"a": {"w": np.zeros((2, 3), np.float32)}, "b": {"w": np.zeros(4, np.float32)}}
+    loaded = {"src": {"deep": {"w": np.ones((2, 3))}}}
+    out = splice_mapped(params, loaded, {"a": "src/deep"})
+    assert out["a"]["w"].dtype == np.float32 and (out["a"]["w"] == 1).all()
+    assert out["b"] is params["b"]
+    with pytest.raises(WarmStartError, match="'b' from 'src/deep'"):
+        splice_mapped(params, loaded, {"b": "src/deep"})
+    with pytest.raises(WarmStartError, match="has no parameter subtree 'nope'"):
+        splice_mapped(params, loaded, {"a": "nope"})
+    with pytest.raises(ValueError, match="overlap"):
+        check_mapping({"a": "x", "a/w": "y"})
+    with pytest.raises(ValueError, match="mapping is empty"):
+        check_mapping({})
+
+
+def _lit_config(shapes_data_config, clip_workdir, steps):
+    from tests.helpers import tiny_experiment
+    config = tiny_experiment(shapes_data_config, f"lit_shapes.py:smoke,init={clip_workdir}",
+                             steps=steps)
+    config.evals = {}
+    return config
+
+
+def test_init_copies_mapped_subtrees_after_init_and_frozen_ones_never_move(
+        trained_clip, shapes_data_config, tmp_path):
+    from tests.helpers import restore_state
+    from vlp_jax.train.freeze import param_paths
+    from vlp_jax.train.step import init_params
+    from vlp_jax.train.trainer import Experiment, train_and_evaluate
+    source = restore_state(Experiment(trained_clip["config"]), trained_clip["workdir"]).params
+    config = _lit_config(shapes_data_config, trained_clip["workdir"], steps=4)
+    exp = Experiment(config)
+    state = exp.new_state()
+    fresh = jax.device_get(init_params(exp.method, exp._rng, exp.data.example_shapes(),
+                                       exp.shardings.params))
+    for leaf, sharding in zip(jax.tree.leaves(state.params), jax.tree.leaves(exp.shardings.params)):
+        assert leaf.sharding == sharding                  # placed onto the param shardings
+    start = jax.device_get(state.params)
+    mapped = ("image_tower", "image_proj")
+    for name in start:
+        expected = source[name] if name in mapped else fresh[name]
+        for a, b in zip(jax.tree.leaves(start[name]), jax.tree.leaves(expected)):
+            np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(start["text_proj"]["kernel"], source["text_proj"]["kernel"])
+    # no optimizer moments for the frozen parameters; moments for the trained ones
+    moments = param_paths(exp.abstract_state.opt_state)
+    assert not [p for p in moments if "image_tower" in p or "image_proj" in p]
+    assert [p for p in moments if "text_tower" in p]
+
+    train_and_evaluate(config, str(tmp_path), progress=False)
+    after = restore_state(exp, tmp_path, step=4).params
+    for name in mapped:
+        for a, b in zip(jax.tree.leaves(after[name]), jax.tree.leaves(source[name])):
+            np.testing.assert_array_equal(a, b)           # bitwise unchanged after 4 steps
+    assert not np.array_equal(after["text_proj"]["kernel"], start["text_proj"]["kernel"])
+
+
+def test_old_method_keys_raise_naming_the_new_ones(shapes_data_config):
+    from tests.helpers import tiny_clip_config
+    from vlp_jax.train.trainer import Experiment
+    for key, value, new in (("warm_start", dict(workdir="x"), "config.init"),
+                            ("frozen", ["image_tower"], "config.frozen")):
+        config = tiny_clip_config(shapes_data_config)
+        config.method[key] = value
+        with pytest.raises(ValueError, match=f"method.{key} was replaced by the top-level {new}"):
+            Experiment(config)
+
+
+def test_eval_without_checkpoints_or_of_another_model_raises_one_line_errors(
+        trained_clip, shapes_data_config, tmp_path):
+    from tests.helpers import tiny_clip_config
+    from vlp_jax.train.errors import CheckpointMismatchError, NoCheckpointError
+    from vlp_jax.train.trainer import evaluate_checkpoint
+    config = tiny_clip_config(shapes_data_config)
+    config.evals = {}
+    with pytest.raises(NoCheckpointError) as err:
+        evaluate_checkpoint(config, str(tmp_path / "empty"))
+    assert "\n" not in str(err.value) and "checkpoints" in str(err.value)
+    with pytest.raises(NoCheckpointError, match="no checkpoint step 7"):
+        evaluate_checkpoint(config, trained_clip["workdir"], step=7)
+    config.model.embed_dim = 16                            # another model
+    with pytest.raises(CheckpointMismatchError) as err:
+        evaluate_checkpoint(config, trained_clip["workdir"])
+    message = str(err.value)
+    assert "\n" not in message and "does not match this model" in message, message
+    assert "shape differs" in message and "shape differs" in err.value.details

@@ -31,7 +31,8 @@ from vlp_jax.data.pipeline import tiny_data_config
 
 def get_config():
     config = tiny_clip_config(tiny_data_config(data_dir={data_dir!r}), steps={steps},
-                              log_every=2, checkpoint_every=1000, num_devices=None)
+                              log_every=2, checkpoint_every=1000, num_devices=None,
+                              preemption_check_every=2)
     config.evals = {{}}
     return config
 '''
@@ -41,7 +42,7 @@ def _config(data_dir):
     """The experiment file's config, built in this process (for restoring checkpoints)."""
     from vlp_jax.data.pipeline import tiny_data_config
     config = tiny_clip_config(tiny_data_config(data_dir=data_dir), steps=STEPS, log_every=2,
-                              checkpoint_every=1000, num_devices=None)
+                              checkpoint_every=1000, num_devices=None, preemption_check_every=2)
     config.evals = {}
     return config
 

@@ -13,9 +13,10 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from vlp_jax.train.errors import CheckpointMismatchError, NoCheckpointError, one_line
 
-class CheckpointMismatchError(ValueError):
-    """A checkpoint's arrays do not match the model being restored (other model or config)."""
+__all__ = ["CheckpointMismatchError", "Checkpointer", "NoCheckpointError",
+           "abstract_with_shardings", "describe_mismatch", "flat_shapes"]
 
 
 def _key_name(k) -> str:
@@ -72,18 +73,30 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def due(self, step: int) -> bool:
+        """Whether `save(step, ...)` without force would write (every `every` steps)."""
+        return self.every > 0 and step % self.every == 0
+
     def save(self, step: int, state, data_state: Any, force: bool = False) -> bool:
-        """Starts an (asynchronous) save; all processes must call it. Returns whether it saved."""
-        if not force and (self.every <= 0 or step % self.every):
+        """Starts an (asynchronous) save; all processes must call it. Returns whether it saved.
+
+        `data_state`: the data iterator's state, or a function returning it, called only
+        when this step is really saved (taking the iterator's state costs host work)."""
+        if not force and not self.due(step):
             return False
         if step in self.manager.all_steps():
             return False
+        if callable(data_state):
+            data_state = data_state()
         return self.manager.save(
             step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                           data=ocp.args.JsonSave(data_state)), force=True)
 
     def restore(self, abstract_state, step: int | None = None) -> tuple[Any, Any] | None:
         """(state, data_state) of `step` (default latest) placed as `abstract_state`; None if none."""
+        if step is not None and step not in self.manager.all_steps():
+            raise NoCheckpointError(f"no checkpoint step {step} in {self.manager.directory}; "
+                                    f"steps: {sorted(self.manager.all_steps())}")
         step = self.latest_step() if step is None else step
         if step is None:
             return None
@@ -96,11 +109,12 @@ class Checkpointer:
     def check_compatible(self, step: int, abstract_state) -> None:
         """Raises CheckpointMismatchError listing keys and shapes if `step` does not fit."""
         saved = flat_shapes(self.manager.item_metadata(step)["state"].tree)
-        problems = describe_mismatch(saved, flat_shapes(abstract_state))
+        problems = describe_mismatch(saved, flat_shapes(abstract_state), limit=10_000)
         if problems:
             raise CheckpointMismatchError(
                 f"checkpoint step {step} in {self.manager.directory} does not match this model "
-                f"(was it written by another model or config?):\n{problems}")
+                f"(was it written by another model or config?): {one_line(problems)}",
+                details=problems)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -36,11 +36,13 @@ class DataBridge:
         """list[str] -> int32 [N, data.text_length]."""
         return self.tokenizer.encode(list(texts), self.config.text_length)
 
-    def example_batch(self, global_batch_size: int) -> dict:
-        """Zero arrays with the global batch's shapes (for initialisation and shape checks)."""
+    def example_shapes(self) -> dict:
+        """Abstract batch-1 shapes of a train batch, {key: ShapeDtypeStruct}: initialisation
+        traces these (never a global-size array): image float32 [1, S, S, 3], text int32
+        [1, L]."""
         s, L = self.config.image_size, self.config.text_length
-        return dict(image=np.zeros((global_batch_size, s, s, 3), np.float32),
-                    text=np.zeros((global_batch_size, L), np.int32))
+        return dict(image=jax.ShapeDtypeStruct((1, s, s, 3), np.float32),
+                    text=jax.ShapeDtypeStruct((1, L), np.int32))
 
     def train_source(self):
         """The raw train records handed to the pipeline (a `__len__` / `__getitem__` object of

@@ -102,7 +102,7 @@ def _all_finite(tree) -> jax.Array:
 
 def make_train_step(method: Method, tx: optax.GradientTransformation, shardings: TrainState,
                     nonfinite: str = "skip", lr_schedule: Callable | None = None,
-                    frozen: Sequence[str] = ()) -> Callable:
+                    frozen: Sequence[str] = (), stop_baseline: int | None = None) -> Callable:
     """jit(train_step)(state, batch) -> (state, metrics), sharded in and out, state donated.
 
     One step: grads -> (frozen grads := 0) -> optimizer update -> `apply_updates` ->
@@ -112,6 +112,10 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, shardings:
     the clipping norm nor the finiteness check.
     Non-finite loss or gradients: 'skip' (and 'stop') keep the previous params, optimizer
     state and aux and count the skip in `state.nonfinite`; 'ignore' applies the update.
+    'stop' with `stop_baseline` (the run's `state.nonfinite` at its start): once a step was
+    non-finite (`state.nonfinite > stop_baseline`) no later step applies its update either,
+    so the state keeps the last good parameters until the host, which checks only at log
+    steps, stops the run. `metrics['finite']` is the step's own finiteness.
     """
     if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"train.nonfinite {nonfinite!r} is unknown; valid: {NONFINITE_POLICIES}")
@@ -128,12 +132,16 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, shardings:
         params = method.project_params(optax.apply_updates(state.params, updates))
         aux = method.after_update(params, aux, state.step)
         finite = jnp.isfinite(loss) & _all_finite(grads)
+        apply = finite
+        if nonfinite == "stop" and stop_baseline is not None:
+            apply = finite & (state.nonfinite <= stop_baseline)
         new = (params, opt_state, aux)
         if nonfinite != "ignore":
             old = (state.params, state.opt_state, state.aux)
-            new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+            new = jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
+        skipped = ~apply if nonfinite != "ignore" else ~finite
         state = state.replace(step=state.step + 1, params=new[0], opt_state=new[1], aux=new[2],
-                              nonfinite=state.nonfinite + (~finite).astype(jnp.int32))
+                              nonfinite=state.nonfinite + skipped.astype(jnp.int32))
         metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                        finite=finite.astype(jnp.float32), nonfinite_total=state.nonfinite)
         if lr_schedule is not None:

@@ -23,15 +23,13 @@ from vlp_jax.parallel.mesh import data_parallel_size, make_mesh, to_global_batch
 from vlp_jax.parallel.sharding import logical_rules
 from vlp_jax.train import data_bridge
 from vlp_jax.train.checkpoint import Checkpointer, abstract_with_shardings
+from vlp_jax.train.errors import (CheckpointMismatchError, NoCheckpointError,  # noqa: F401
+                                  NonFiniteError)
 from vlp_jax.train.metrics_log import MetricWriter, to_python
 from vlp_jax.train.preemption import Preempted, PreemptionGuard
 from vlp_jax.train.optim import learning_rate_schedule, make_optimizer
 from vlp_jax.train.predict import Predictor
 from vlp_jax.train.step import init_state, make_train_step, state_shardings
-
-
-class NonFiniteError(RuntimeError):
-    """Raised by the 'stop' non-finite policy after checkpointing the last good state."""
 
 
 def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
@@ -90,13 +88,13 @@ class Experiment:
         self.frozen = tuple(config.get("frozen", None) or ())
         self.tx, self.abstract_state, self.shardings = state_shardings(
             self.method, lambda mask: make_optimizer(config.optim, total, mask), rng,
-            self.data.example_batch(1), logical_rules(config.get("mesh")), frozen=self.frozen)
+            self.data.example_shapes(), logical_rules(config.get("mesh")), frozen=self.frozen)
         self.predictor = Predictor(self.method.predict_fns(), self.shardings.params, self.mesh)
         self._rng = rng
 
     def new_state(self):
         """A fresh TrainState (with `config.init` subtrees read from their checkpoint)."""
-        return init_state(self.method, self.tx, self._rng, self.data.example_batch(1),
+        return init_state(self.method, self.tx, self._rng, self.data.example_shapes(),
                           self.shardings, init=self.config.get("init", None))
 
     def restore_target(self):
@@ -107,12 +105,15 @@ class Experiment:
         bound to `params`."""
         return self.predictor.bind(params)
 
-    def evaluate(self, params) -> dict[str, float]:
+    def evaluate(self, params, evals=None) -> dict[str, float]:
+        """Runs `evals` (default: all of config.evals) with the jitted prediction functions
+        bound to `params` -> {'<name>/<metric>': float}."""
         from vlp_jax.evaluators import run_evaluators
-        if not self.config.get("evals"):
+        evals = self.config.get("evals", None) if evals is None else evals
+        if not evals:
             return {}
-        return run_evaluators(self.config.evals, self.predict_fns(params),
-                              self.data.load_eval_set, self.data.tokenize)
+        return run_evaluators(evals, self.predict_fns(params), self.data.load_eval_set,
+                              self.data.tokenize)
 
 
 def _write_json(path: str, payload: dict) -> None:
@@ -128,13 +129,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        progress: bool = True, stop_at: int | None = None) -> dict[str, Any]:
     """Trains `config` in `workdir` (resuming if it holds checkpoints), then evaluates.
 
-    `stop_at`: leave the loop after that step with a checkpoint and no evaluation, as a
+    `stop_at`: leave the loop after that step with a checkpoint and no final evaluation, as a
     preempted job would (tests use it to check that resuming is exact).
 
-    Returns dict(step, final train metrics, eval metrics, data: {kind: count} of the bad
-    records met since the run began, resumes included, summed over processes; see
-    `vlp_jax.data.sanitize.ISSUE_KINDS`). Writes metrics.jsonl (train rows also carry the
-    running `data/<kind>` counts), TensorBoard events, checkpoints/ and eval.json under workdir.
+    Evaluators with `log_steps` = N also run every N steps during training (not at the last
+    step: the final evaluation covers it); their metrics join metrics.jsonl as `eval/...`
+    rows at that step. Returns dict(step, final train metrics, eval metrics, data: {kind:
+    count} of the bad records met since the run began, resumes included, summed over
+    processes; see `vlp_jax.data.sanitize.ISSUE_KINDS`). Writes metrics.jsonl (train rows
+    also carry the running `data/<kind>` counts), TensorBoard events, checkpoints/ and
+    eval.json under workdir.
     """
     os.makedirs(workdir, exist_ok=True)
     exp = Experiment(config)
@@ -148,9 +152,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     else:
         state, data_state = restored
         data_iter.set_state(data_state)
-    start = int(state.step)
+    start, skipped_before = int(state.step), int(state.nonfinite)
     step_fn = make_train_step(exp.method, exp.tx, exp.shardings, tcfg.get("nonfinite", "skip"),
-                              exp.lr_schedule, frozen=exp.frozen)
+                              exp.lr_schedule, frozen=exp.frozen, stop_baseline=skipped_before)
     writer = MetricWriter(workdir)
     bar = _progress_bar(progress, start, tcfg.num_steps)
     with PreemptionGuard() as guard:
@@ -182,42 +186,96 @@ def data_issue_totals(data_iter) -> dict[str, int]:
     return {k: int(v) for k, v in zip(local, summed.sum(axis=0))}
 
 
+def evals_due(evals_config, step: int, num_steps: int) -> dict:
+    """The evaluators of `config.evals` whose `log_steps` divides `step` (never the last step,
+    which the final evaluation covers): {name: config}."""
+    if step >= num_steps or not evals_config:
+        return {}
+    return {name: cfg for name, cfg in evals_config.items()
+            if (cfg.get("log_steps", None) or 0) > 0 and step % cfg["log_steps"] == 0}
+
+
+class _StopWatch:
+    """train.nonfinite='stop' without a host synchronisation per step.
+
+    The step's `finite` flags stay on the device; `check()` (at log steps, checkpoint steps,
+    before a preemption checkpoint and at the end) fetches them all at once. From the first
+    non-finite step on the train step applies no update at all (`make_train_step`'s
+    `stop_baseline`), so the state keeps the last good parameters; up to log_every - 1 more
+    steps may run before the check, each skipped and counted as non-finite."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.window: list[tuple[int, dict]] = []
+
+    def add(self, step: int, metrics: dict) -> None:
+        if self.enabled:
+            self.window.append((step, metrics))
+
+    def check(self, state, step: int, data_iter, ckpt) -> None:
+        if not self.enabled or not self.window:
+            return
+        flags = jax.device_get([m["finite"] for _, m in self.window])
+        bad = [(s, m) for (s, m), f in zip(self.window, flags) if not float(f)]
+        self.window = []
+        if not bad:
+            return
+        first, metrics = bad[0]
+        ckpt.save(step, state, data_iter.get_state, force=True)
+        ckpt.close()
+        names = sorted(k for k, v in to_python(metrics).items() if not np.isfinite(v))
+        later = (f"; steps {first + 1}..{step} ran after it and were skipped too"
+                 if step > first else "")
+        raise NonFiniteError(
+            f"train.nonfinite='stop': non-finite values at step {first} in "
+            f"{names or ['gradients']}; the update was not applied{later}: checkpoint {step} "
+            f"holds the last good parameters (those after step {first - 1}) and a data "
+            f"position past the bad batch")
+
+
 def _train_loop(exp, state, data_iter, step_fn, ckpt, writer, bar, guard, start, stop_at):
-    """Runs steps start+1 .. num_steps (or stop_at); returns (state, last logged metrics)."""
+    """Runs steps start+1 .. num_steps (or stop_at); returns (state, last logged metrics).
+
+    The host waits for the device only at log steps (metrics), checkpoint steps, evaluation
+    steps and every `train.preemption_check_every` steps (the cross-process preemption
+    check); the data iterator's state is taken only when a checkpoint is written."""
     tcfg = exp.config.train
-    policy = tcfg.get("nonfinite", "skip")
+    num_steps = tcfg.num_steps
     log_every = max(1, tcfg.get("log_every", 50))
+    check_every = max(1, tcfg.get("preemption_check_every", 10))
+    stop = _StopWatch(tcfg.get("nonfinite", "skip") == "stop")
     last, t0, n0 = {}, time.perf_counter(), start
-    for step in range(start + 1, tcfg.num_steps + 1):
+    for step in range(start + 1, num_steps + 1):
         batch = to_global_batch(next(data_iter), exp.mesh)
         state, metrics = step_fn(state, batch)
-        if policy == "stop" and not bool(metrics["finite"]):
-            ckpt.save(step, state, data_iter.get_state(), force=True)
-            ckpt.close()
-            bad = sorted(k for k, v in to_python(metrics).items() if not np.isfinite(v))
-            raise NonFiniteError(
-                f"train.nonfinite='stop': non-finite values at step {step} in "
-                f"{bad or ['gradients']}; the update was not applied: checkpoint {step} holds "
-                f"the last good parameters (those after step {step - 1}) and a data position "
-                f"past the bad batch")
-        if step % log_every == 0 or step == tcfg.num_steps:
+        stop.add(step, metrics)
+        final = step == num_steps or step == stop_at
+        if step % log_every == 0 or final:
+            stop.check(state, step, data_iter, ckpt)
             last = to_python(metrics)
             dt = time.perf_counter() - t0
             last["steps_per_sec"] = (step - n0) / dt
             last["examples_per_sec"] = last["steps_per_sec"] * tcfg.batch_size
-            t0, n0 = time.perf_counter(), step
             writer.write(step, last, extra={f"data/{k}": v
                                             for k, v in data_issue_totals(data_iter).items()})
             if bar is not None:
                 bar.set_postfix(loss=f"{last['loss']:.4f}", ex_s=f"{last['examples_per_sec']:.0f}")
+            t0, n0 = time.perf_counter(), step
         if bar is not None:
             bar.update(1)
-        ckpt.save(step, state, data_iter.get_state(),
-                  force=step == tcfg.num_steps or step == stop_at)
+        if final or ckpt.due(step):
+            stop.check(state, step, data_iter, ckpt)
+            ckpt.save(step, state, data_iter.get_state, force=final)
+        due = evals_due(exp.config.get("evals", None), step, num_steps)
+        if due:
+            stop.check(state, step, data_iter, ckpt)
+            writer.write(step, exp.evaluate(state.params, due), prefix="eval")
+            t0, n0 = time.perf_counter(), step      # evaluation time is not training speed
         if step == stop_at:
             break
-        if guard.requested():
-            ckpt.save(step, state, data_iter.get_state(), force=True)
+        if step % check_every == 0 and not final and guard.requested():
+            stop.check(state, step, data_iter, ckpt)
+            ckpt.save(step, state, data_iter.get_state, force=True)
             ckpt.close()
             raise Preempted(step)
     return state, last
@@ -225,14 +283,22 @@ def _train_loop(exp, state, data_iter, step_fn, ckpt, writer, bar, guard, start,
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         step: int | None = None) -> dict[str, Any]:
-    """Restores the latest (or given) checkpoint in workdir, runs config.evals, writes eval.json."""
+    """Restores the latest (or given) checkpoint in workdir, runs config.evals, writes eval.json.
+
+    Raises NoCheckpointError (workdir without checkpoints, or no such step) and
+    CheckpointMismatchError (a checkpoint of another model or config), one-line messages."""
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        raise NoCheckpointError(f"no checkpoint to evaluate: {directory} does not exist")
     exp = Experiment(config)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-    restored = ckpt.restore(exp.restore_target(), step)
+    ckpt = Checkpointer(directory)
+    try:
+        restored = ckpt.restore(exp.restore_target(), step)
+    finally:
+        ckpt.close()
     if restored is None:
-        raise FileNotFoundError(f"no checkpoint found in {workdir}/checkpoints")
+        raise NoCheckpointError(f"no checkpoint to evaluate in {directory}")
     state, _ = restored
-    ckpt.close()
     results = exp.evaluate(state.params)
     _write_json(os.path.join(workdir, "eval.json"), {"step": int(state.step), **results})
     return {"step": int(state.step), "eval": results}
