@@ -3,7 +3,10 @@
 A method owns a Flax model and turns (params, aux, batch, rng, step) into a scalar loss.
 All functions are pure and traced inside the trainer's one jitted step:
 
-    init_params(rng, batch)            -> boxed params (logical axis annotations kept)
+    init_params(rng, batch)            -> boxed params (logical axis annotations kept);
+                                          `batch` holds zero arrays of batch size 1 (the
+                                          trainer traces batch-1 shapes): never depend on
+                                          its batch size or values
     init_aux(params)                   -> aux pytree: EMA teachers, queues ({} by default)
     loss(params, aux, batch, rng, step) -> (loss [], metrics {name: []}, new aux)
     value_and_grad(params, aux, batch, rng, step) -> ((loss, (metrics, aux)), grads)
@@ -14,7 +17,9 @@ All functions are pure and traced inside the trainer's one jitted step:
     predict_fns()                      -> {name: pure fn(params, *inputs)} for the evaluators
 
 Freezing (`config.frozen`) and initialising parameters from a checkpoint (`config.init`)
-are the trainer's, for every method alike (`vlp_jax.train.freeze`, `vlp_jax.train.warm_start`).
+are the trainer's, for every method alike (`vlp_jax.train.freeze`, `vlp_jax.train.warm_start`):
+frozen parameters' gradients are zeroed in the train step (so XLA drops their computation),
+and `init_aux` sees the parameters after the checkpoint's subtrees were copied in.
 """
 from __future__ import annotations
 
