@@ -192,3 +192,22 @@ def test_collectives_on_a_mesh_axis():
     assert all_gather(u0 := jnp.ones(2), None) is u0 and int(row_offset(3, None)) == 0
     u = l2_normalize(jnp.array([[3.0, 4.0], [0.0, 0.0]]))
     np.testing.assert_allclose(u, [[0.6, 0.8], [0.0, 0.0]], rtol=1e-6)
+
+
+def test_decoding_with_cross_attention_equals_the_full_causal_pass():
+    """A decoder block (CoCa / BLIP captioner): cached self-attention, uncached cross-attention
+    to a fixed context."""
+    x, ctx = _x(length=5), _x(length=3, seed=4)
+    enc = Encoder(2, 4, 64, cross_attention_every=1)
+    params = enc.init(jax.random.key(1), x, causal_mask(5), ctx)["params"]
+    full = enc.apply({"params": params}, x, causal_mask(5), ctx)
+    dec = enc.clone(decode=True, max_decode_length=5)
+    cache = dec.init(jax.random.key(1), x[:, :1], None, ctx)["cache"]
+    steps = []
+    for t in range(5):
+        y, mut = dec.apply({"params": params, "cache": cache}, x[:, t:t + 1], None, ctx,
+                           mutable=["cache"])
+        cache = mut["cache"]
+        steps.append(y)
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, **TOL)
+    assert int(cache["block1"]["attn"]["cache_index"]) == 5
