@@ -290,3 +290,29 @@ def test_unknown_type_names_the_evaluator_and_the_valid_types_before_running_any
     message = str(err.value)
     assert "'typo'" in message and "'zeroshot'" in message
     assert all(repr(t) in message for t in EVALUATORS) and not ran
+
+
+def test_predictor_jits_once_with_params_as_an_argument_and_mesh_shardings():
+    """The trainer's Predictor: new parameters never retrace; inputs are split over the
+    mesh's batch axes, outputs replicated; results equal the plain function."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from vlp_jax.parallel.mesh import make_mesh
+    from vlp_jax.train.predict import Predictor
+    mesh = make_mesh()                                       # 8 devices, data axis
+    traces, seen = [], []
+
+    def encode_image(params, images):                        # [B, 2, 2, 3] -> [B, 4]
+        traces.append(1)
+        jax.debug.inspect_array_sharding(images, callback=seen.append)
+        return images.reshape(images.shape[0], -1) @ params["w"]
+
+    rep = NamedSharding(mesh, P())
+    predictor = Predictor({"encode_image": encode_image}, {"w": rep}, mesh)
+    x = np.random.default_rng(0).normal(size=(16, 2, 2, 3)).astype(np.float32)
+    for seed in range(3):
+        w = np.random.default_rng(seed).normal(size=(12, 4)).astype(np.float32)
+        out = predictor.bind({"w": jax.device_put(w, rep)})["encode_image"](x)
+        np.testing.assert_allclose(np.asarray(out), x.reshape(16, -1) @ w, rtol=1e-5, atol=1e-5)
+        assert out.sharding.is_fully_replicated
+    assert len(traces) == 1
+    assert seen and all(s.shard_shape((16, 2, 2, 3)) == (2, 2, 2, 3) for s in seen), seen
