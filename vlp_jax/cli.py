@@ -119,7 +119,7 @@ def _prepare(args, overrides):
 def _run(args, overrides) -> None:
     from vlp_jax.config_schema import ConfigError
     from vlp_jax.parallel.distributed import maybe_initialize_distributed
-    from vlp_jax.train.checkpoint import CheckpointMismatchError
+    from vlp_jax.train.errors import CheckpointError
     maybe_initialize_distributed()     # before anything touches the devices (the mesh check)
     try:
         config, typed = _prepare(args, overrides)
@@ -145,14 +145,11 @@ def _run(args, overrides) -> None:
         if args.command == "train":
             result = train_and_evaluate(config, args.workdir, progress=progress)
         else:
-            try:
-                result = evaluate_checkpoint(config, args.workdir)
-            except FileNotFoundError as e:       # no checkpoint (raced with our check)
-                raise UsageError(_one_line(e)) from None
+            result = evaluate_checkpoint(config, args.workdir)
     except Preempted as e:
         print(str(e), file=sys.stderr)
         sys.exit(EXIT_PREEMPTED)
-    except CheckpointMismatchError as e:         # the workdir holds another model's run
+    except CheckpointError as e:   # no checkpoint, another model's, or a bad config.init one
         raise UsageError(_one_line(e)) from None
     print(json.dumps(result, indent=2, sort_keys=True))
 
