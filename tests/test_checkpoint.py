@@ -195,3 +195,45 @@ def test_eval_without_checkpoints_or_of_another_model_raises_one_line_errors(
     message = str(err.value)
     assert "\n" not in message and "does not match this model" in message, message
     assert "shape differs" in message and "shape differs" in err.value.details
+
+
+def test_init_works_for_a_method_with_an_ema_teacher(tmp_path):
+    """ALBEF: the momentum teacher is initialised from the parameters *after* the mapped
+    subtree was copied in, so teacher and student start from the checkpoint alike."""
+    import flax.linen as nn
+    import ml_collections
+    from tests.helpers import albef_cfg
+    from vlp_jax.methods.registry import build_method
+    from vlp_jax.parallel.mesh import make_mesh
+    from vlp_jax.train.freeze import path_of
+    from vlp_jax.train.optim import make_optimizer
+    from vlp_jax.train.step import init_params, init_state, state_shardings
+    vocab = dict(vocab_size=50, pad_id=0, bos_id=1, eos_id=2, mask_id=3)
+    cfg = ml_collections.ConfigDict(dict(model=albef_cfg(),
+                                         method=dict(name="albef", queue_size=40)))
+    method = build_method(cfg, vocab, make_mesh(devices=jax.devices()[:1]))
+    batch = dict(image=np.zeros((4, 16, 16, 3), np.float32), text=np.zeros((4, 8), np.int32))
+    optim = ml_collections.ConfigDict(dict(lr=1e-3))
+    tx, _, sh = state_shardings(method, lambda m: make_optimizer(optim, 10, m),
+                                jax.random.key(0), batch, ())
+    source = jax.device_get(init_params(method, jax.random.key(1), batch, sh.params))
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"), every=1)
+    ckpt.save(3, {"params": source}, {}, force=True)
+    ckpt.close()
+    init = ml_collections.ConfigDict(dict(workdir=str(tmp_path), step=-1,
+                                          mapping={"image_tower": "image_tower"}))
+    state = jax.device_get(init_state(method, tx, jax.random.key(0), batch, sh, init=init))
+    fresh = jax.device_get(init_params(method, jax.random.key(0), batch, sh.params))
+    for a, b in zip(jax.tree.leaves(state.params["image_tower"]),
+                    jax.tree.leaves(source["image_tower"])):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(state.params["text_encoder"]),
+                    jax.tree.leaves(fresh["text_encoder"])):
+        np.testing.assert_array_equal(a, b)
+    copies = [(path_of(p), leaf) for p, leaf in jax.tree_util.tree_leaves_with_path(state.aux)
+              if "image_tower" in path_of(p)]
+    assert copies                                           # the teacher holds the tower
+    flat_source = {path_of(p): leaf for p, leaf in
+                   jax.tree_util.tree_leaves_with_path(source["image_tower"])}
+    for path, leaf in copies:
+        np.testing.assert_array_equal(leaf, flat_source[path.split("image_tower/", 1)[1]])
