@@ -299,3 +299,11 @@ def _same(declared, code) -> bool:
     if isinstance(declared, bool) or isinstance(code, bool):
         return declared is code
     return declared == code
+
+
+def test_reference_lists_every_declared_family():
+    text = schema.reference()
+    assert "| batch_size | int | (required) |" in text
+    assert "### method = 'slip' (extends 'contrastive')" in text
+    families = {f for f, _, _, _ in schema.declared() if not f.startswith("_")}
+    assert all(f"### {f}" in text for f in families)

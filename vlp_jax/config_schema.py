@@ -433,3 +433,46 @@ def flatten(config, prefix: str = "") -> dict[str, Any]:
 def tree_lines(config) -> list[str]:
     """Sorted `key: value` lines of a config tree (values as repr; tuples and lists kept)."""
     return [f"{k}: {v!r}" for k, v in sorted(flatten(config).items())]
+
+
+# ----------------------------------------------------------------------------- reference
+
+def _spec_text(spec) -> tuple[str, str, str]:
+    """(type, default, doc) of a declared field for the reference table."""
+    if isinstance(spec, Field):
+        d = spec.default
+        default = ("(required)" if d is REQUIRED else "(not filled)" if d is OMIT
+                   else (d.doc or "derived") if isinstance(d, Derived) else repr(d))
+        doc = spec.doc + (f" [{', '.join(map(repr, spec.choices))}]" if spec.choices else "")
+        return _type_name(spec.type), default, doc
+    if isinstance(spec, Sub):
+        return "section", "", f"fields of {spec.family!r}"
+    if isinstance(spec, Select):
+        return "section", "", f"{spec.family!r} chosen by its `{spec.key}`"
+    return "mapping", "", f"named sections of {spec.family!r}" + (
+        f" chosen by `{spec.key}`" if spec.key else "")
+
+
+def reference() -> str:
+    """Markdown tables of every declared field, family by family (python -m
+    vlp_jax.config_schema prints it)."""
+    _load()
+    out = []
+    for family in sorted(_REGISTRY, key=lambda f: (f != ROOT, f)):
+        if family.startswith("_"):
+            continue
+        for name in sorted(_REGISTRY[family], key=lambda n: (n is not None, n or "")):
+            decl = _REGISTRY[family][name]
+            title = family if name is None else f"{family} = {name!r}"
+            if decl.extends:
+                title += f" (extends {decl.extends!r})"
+            out += [f"### {title}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+            out += [f"| {key} | {t} | {d} | {doc} |" for key, (t, d, doc) in
+                    ((k, _spec_text(s)) for k, s in decl.fields.items())]
+            out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":     # the declarations register into the imported module, not __main__
+    from vlp_jax import config_schema
+    print(config_schema.reference())
