@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from vlp_jax.losses.contrastive import softmax_contrastive_loss
-from vlp_jax.losses.distill import (distill_alpha, ema_update, itc_with_queue, queue_init,
-                                    queue_push, queue_valid_mask, soft_cross_entropy)
+from vlp_jax.losses.distill import (distill_alpha, itc_with_queue, queue_init, queue_push,
+                                    queue_valid_mask, soft_cross_entropy)
+from vlp_jax.objectives.teacher import ema_update
 from vlp_jax.models.dual_encoder import l2_normalize
 from vlp_jax.parallel.mesh import make_mesh
 from vlp_jax.parallel.sharding import shard_batch_fn

@@ -1,6 +1,7 @@
 """Momentum distillation of ALBEF (Li et al. 2021, sec. 3.3) as pure functions.
 
-A momentum ("teacher") copy of the model, theta_m <- m theta_m + (1 - m) theta, produces
+A momentum ("teacher") copy of the model, theta_m <- m theta_m + (1 - m) theta
+(`vlp_jax.objectives.teacher.EmaTeacher`, the one EMA implementation), produces
 pseudo-targets; its image and text features are also kept in two FIFO queues that serve as
 extra contrastive negatives (MoCo-style). With s(I, T) = g(v_cls) . g'(w'_cls) / tau over the
 batch and the queue, ALBEF's ITC (eq. 1-2, 6) is
@@ -13,25 +14,12 @@ The queue is a dict (`queue_init`) so a method keeps it in its aux state.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
 from vlp_jax.nn.collectives import AxisName, global_sum, row_offset
 
 NEG_INF = -1e9   # finite "minus infinity" for masked logits (0 * NEG_INF stays 0)
-
-
-def ema_update(teacher: Any, student: Any, momentum: float | jax.Array) -> Any:
-    """theta_t <- m theta_t + (1 - m) theta_s, leaf by leaf (computed in float32, stored in
-    the teacher leaf's dtype). Non-float leaves are copied from the student."""
-    def mix(t, s):
-        if not jnp.issubdtype(t.dtype, jnp.floating):
-            return s
-        return (momentum * t.astype(jnp.float32)
-                + (1.0 - momentum) * s.astype(jnp.float32)).astype(t.dtype)
-    return jax.tree.map(mix, teacher, student)
 
 
 def soft_cross_entropy(logits: jax.Array, target_probs: jax.Array) -> jax.Array:

@@ -8,7 +8,9 @@ ViLBERT / LXMERT co-attention option). Per step, for a batch of B pairs:
        alpha * softmax(u' . [w' ; Q_t] / tau) + (1 - alpha) * onehot (and text-to-image
        symmetrically), with feature queues Q_t, Q_v of past momentum features
        (`losses.distill.itc_with_queue`); tau learnable (as log tau, see models/fusion.py),
-       clamped to [0.001, 0.5].
+       clamped to `temperature_range` [0.001, 0.5] *after* each optimizer step
+       (`project_params`, as ALBEF's `temp.clamp_` before each forward), so tau keeps its
+       gradient at the bound.
   ITM  one hard negative text per image and one hard negative image per text, drawn from
        softmax(similarity) with the positives excluded (`losses.itm.hard_negative_indices`);
        CE of the ITM head on the fused CLS for B positive and 2B negative pairs.
@@ -28,33 +30,46 @@ contrastive losses. `itc_sharded=False` computes the same ITC in the global view
 the two agree).
 
 State: aux = {teacher: EMA copy of every parameter subtree except the temperature and the ITM
-head (placed like the parameters), image_queue, text_queue}.
+head (placed like the parameters; `objectives.teacher.EmaTeacher` with an exclude-list),
+image_queue, text_queue (`objectives.teacher.FeatureQueue`)}.
+
+Objectives (`vlp_jax.objectives`): `itc`, `itm`, `mlm`, weighted by `weights` (or
+`objectives.<name>.weight`, with start_step / ramp_steps); metrics `itc/...` (alpha,
+temperature, accuracies), `itm/itm_acc`, `mlm/{mlm_acc, mlm_ce, mlm_soft}`, `loss/<name>`.
+The MLM masks are drawn by `prepare_batch` before differentiation.
 
 config.method fields: queue_size (65536 in ALBEF; small in the experiments), momentum (0.995),
 alpha (0.4), alpha_ramp_steps, mlm_prob (0.15), whole_word_masking, weights {itc, itm, mlm}
-(1 each), temperature_range ((0.001, 0.5)), itc_sharded (True), exclude_duplicate_negatives
-(True: captions identical to the positive are never drawn as ITM negatives).
+(1 each), objectives, temperature_range ((0.001, 0.5)), itc_sharded (True),
+exclude_duplicate_negatives (False, as ALBEF and LAVIS: True never draws a caption identical
+to the positive as an ITM negative; an addition of this library for procedural data, whose
+captions often repeat).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 
-from vlp_jax.losses.distill import (distill_alpha, ema_update, itc_with_queue, queue_init,
-                                    queue_push, queue_valid_mask)
+from vlp_jax.losses.distill import distill_alpha, itc_with_queue
 from vlp_jax.losses.itm import hard_negative_indices, itm_loss
 from vlp_jax.losses.mlm import mlm_loss, soft_mlm_loss
-from vlp_jax.methods.base import Method, model_predict_fn
-from vlp_jax.methods.vilt import mask_for_mlm
+from vlp_jax.methods.base import Method
+from vlp_jax.methods.fusion_common import fusion_predict_fns
+from vlp_jax.objectives.core import Combiner, FnObjective, Term, override_terms
+from vlp_jax.objectives.masking import MlmMasking, require_prepared
+from vlp_jax.objectives.teacher import EmaTeacher, FeatureQueue
 from vlp_jax.parallel.sharding import shard_batch_fn
 
 STUDENT_ONLY = ("log_temperature", "itm_head")   # not averaged into the momentum model
+TERMS = ("itc", "itm", "mlm")
+PREPARE_SALT = 0x5EED
 
 
 def teacher_subtrees(tree: dict) -> dict:
-    return {k: v for k, v in tree.items() if k not in STUDENT_ONLY}
+    return EmaTeacher(0.0, exclude=STUDENT_ONLY).select(tree)
 
 
 @dataclasses.dataclass
@@ -62,51 +77,62 @@ class AlbefMethod(Method):
 
     def __post_init__(self):
         cfg = self.config
-        m = cfg.get("momentum", 0.995)
-        if not 0.0 <= m < 1.0:
-            raise ValueError(f"method.momentum must be in [0, 1), got {m}")
         if cfg.get("queue_size", 65536) < 1:
             raise ValueError(f"method.queue_size must be positive, got {cfg.queue_size}")
         lo, hi = cfg.get("temperature_range", (0.001, 0.5))
         if not 0.0 < lo < hi:
             raise ValueError(f"method.temperature_range must be 0 < lo < hi, got {(lo, hi)}")
         weights = dict(cfg.get("weights", None) or {})
-        bad = set(weights) - {"itc", "itm", "mlm"}
+        bad = set(weights) - set(TERMS)
         if bad:
             raise ValueError(f"method.weights has unknown terms {sorted(bad)}; valid: itc, itm, mlm")
-        self._w = {k: float(weights.get(k, 1.0)) for k in ("itc", "itm", "mlm")}
+        self.ema = EmaTeacher(float(cfg.get("momentum", 0.995)), exclude=STUDENT_ONLY)
+        self.queue = FeatureQueue(int(cfg.get("queue_size", 65536)), self.model.embed_dim)
+        self.masking = MlmMasking(self.vocab, cfg.get("mlm_prob", 0.15),
+                                  cfg.get("whole_word_masking", False))
         self._itc_sharded = shard_batch_fn(itc_with_queue, self.mesh, 2, 7)
+        terms = [Term(FnObjective("itc", self._itc_objective)),
+                 Term(FnObjective("itm", self._itm_objective)),
+                 Term(FnObjective("mlm", self._mlm_objective))]
+        terms = [dataclasses.replace(t, weight=float(weights.get(t.name, 1.0))) for t in terms]
+        self.combiner = Combiner(override_terms(terms, cfg.get("objectives", None)))
 
     # ---- state ------------------------------------------------------------------------------
     def init_aux(self, params):
-        size, dim = int(self.config.get("queue_size", 65536)), self.model.embed_dim
-        # `+ 0` gives the teacher its own buffers (the train step donates the whole state).
-        teacher = jax.tree.map(lambda x: x + jnp.zeros((), x.dtype), teacher_subtrees(params))
-        return {"teacher": teacher, "image_queue": queue_init(size, dim),
-                "text_queue": queue_init(size, dim)}
+        return {"teacher": self.ema.init(params), "image_queue": self.queue.init(),
+                "text_queue": self.queue.init()}
 
     def aux_shardings(self, abstract_aux, param_shardings):
         rest = super().aux_shardings({k: v for k, v in abstract_aux.items() if k != "teacher"},
                                      param_shardings)
-        return dict(rest, teacher=teacher_subtrees(param_shardings))
+        return dict(rest, teacher=self.ema.shardings(param_shardings))
 
     def after_update(self, params, aux, step):
-        teacher = ema_update(aux["teacher"], teacher_subtrees(params),
-                             self.config.get("momentum", 0.995))
-        return dict(aux, teacher=teacher)
+        return dict(aux, teacher=self.ema.update(aux["teacher"], params))
+
+    def project_params(self, params):
+        """Clamps tau = exp(log_temperature) into `temperature_range` after the update."""
+        lo, hi = self.config.get("temperature_range", (0.001, 0.5))
+        t = params["log_temperature"]
+        return dict(params, log_temperature=jnp.clip(t, math.log(lo), math.log(hi)).astype(
+            t.dtype))
 
     # ---- pieces -----------------------------------------------------------------------------
     def _apply(self, params, *args, method):
         return self.model.apply({"params": params}, *args, method=method)
 
     def temperature(self, params):
-        lo, hi = self.config.get("temperature_range", (0.001, 0.5))
-        return jnp.clip(jnp.exp(params["log_temperature"].astype(jnp.float32)), lo, hi)
+        """tau = exp(log_temperature), unclamped (the bound is enforced by project_params)."""
+        return jnp.exp(params["log_temperature"].astype(jnp.float32))
+
+    def alpha(self, step):
+        cfg = self.config
+        return distill_alpha(step, cfg.get("alpha", 0.4), cfg.get("alpha_ramp_steps", 0))
 
     def itc(self, u, w, u_m, w_m, aux, temperature, alpha):
         """(loss, metrics): ITC with the momentum targets and the queues."""
         image_q, text_q = aux["image_queue"], aux["text_queue"]
-        args = (u, w, u_m, w_m, image_q, text_q, queue_valid_mask(image_q), temperature, alpha)
+        args = (u, w, u_m, w_m, image_q, text_q, self.queue.valid(image_q), temperature, alpha)
         if self.config.get("itc_sharded", True):
             return self._itc_sharded(*args)
         return itc_with_queue(*args, axis_name=None)
@@ -124,13 +150,13 @@ class AlbefMethod(Method):
         """Image tokens, text tokens and validity of the 3B ITM pairs: B positives, then each
         caption with a hard-negative image, then each image with a hard-negative caption.
 
-        With `exclude_duplicate_negatives` (default), a candidate whose caption is token-for-
-        token the positive's is not drawn as a negative (its logit is pushed to -1e4): such a
-        pair matches, and labelling it "no match" teaches the ITM head noise. Web captions are
-        rarely identical; a procedural world's often are.
+        With `exclude_duplicate_negatives` (default False, as ALBEF / LAVIS), a candidate whose
+        caption is token-for-token the positive's is not drawn as a negative (its logit is
+        pushed to -1e4): such a pair matches, and labelling it "no match" teaches the ITM head
+        noise. Web captions are rarely identical; a procedural world's often are.
         """
         sim_i2t = jax.lax.stop_gradient(u @ w.T / temperature)
-        if self.config.get("exclude_duplicate_negatives", True):
+        if self.config.get("exclude_duplicate_negatives", False):
             same = jnp.all(text[:, None, :] == text[None, :, :], axis=-1)    # [B, B]
             sim_i2t = jnp.where(same, sim_i2t - 1e4, sim_i2t)
         neg_text, neg_image = hard_negative_indices(rng, sim_i2t, sim_i2t.T, axis_name=None)
@@ -138,23 +164,19 @@ class AlbefMethod(Method):
                 jnp.concatenate([text_tokens, text_tokens, text_tokens[neg_text]]),
                 jnp.concatenate([valid, valid, valid[neg_text]]))
 
-    # ---- Method interface -------------------------------------------------------------------
-    def loss(self, params, aux, batch, rng, step):
-        """ITC + ITM + MLM (see the module docstring). Each encoder runs once per model on
-        stacked inputs (captions with their masked copies; the 3B ITM pairs with the B masked
-        captions), which keeps the compiled step small."""
-        cfg = self.config
+    def forward(self, params, aux, batch, rng):
+        """The outputs the objectives share. Each encoder runs once per model on stacked
+        inputs (captions with their masked copies; the 3B ITM pairs with the B masked
+        captions), which keeps the compiled step small.
+
+        Returns dict(u, w, u_m, w_m [B, D], itm_logits [3B, 2], itm_labels [3B],
+        mlm_logits, mlm_logits_m [B, L, V], temperature [])."""
         images, text = batch["image"], batch["text"]
         b = text.shape[0]
-        k_itm, k_mlm = jax.random.split(rng)
         # The momentum model: teacher subtrees + (unused by it) the student-only leaves.
-        teacher = dict(params, **jax.lax.stop_gradient(aux["teacher"]))
+        teacher = self.ema.full_params(params, aux["teacher"])
         temperature = self.temperature(params)
-        alpha = distill_alpha(step, cfg.get("alpha", 0.4), cfg.get("alpha_ramp_steps", 0))
-        inputs, targets, weights = mask_for_mlm(k_mlm, text, self.vocab,
-                                                cfg.get("mlm_prob", 0.15),
-                                                cfg.get("whole_word_masking", False))
-        both = jnp.concatenate([text, inputs])
+        both = jnp.concatenate([text, batch["mlm_inputs"]])
 
         u, image_tokens = self._apply(params, images, method="image_features")
         w2, text_tokens2, valid2 = self._apply(params, both, method="text_features")
@@ -164,32 +186,57 @@ class AlbefMethod(Method):
         u_m, w_m, image_tokens_m, text_tokens2_m = jax.lax.stop_gradient(
             (u_m, w_m, image_tokens_m, text_tokens2_m))
 
-        itc, metrics = self.itc(u, w, u_m, w_m, aux, temperature, alpha)
-
         pairs = self._itm_pairs(u, w, image_tokens, text_tokens2[:b], valid2[:b], temperature,
-                                k_itm, text)
+                                rng, text)
         itm_logits, mlm_logits = self._apply(
             params, jnp.concatenate([pairs[0], image_tokens]),
             jnp.concatenate([pairs[1], text_tokens2[b:]]),
             jnp.concatenate([pairs[2], valid2[b:]]), 3 * b, method=self._fused_heads)
         labels = jnp.concatenate([jnp.ones((b,), jnp.int32), jnp.zeros((2 * b,), jnp.int32)])
-        itm, itm_metrics = itm_loss(itm_logits, labels)
-
         _, mlm_logits_m = self._apply(teacher, image_tokens_m, text_tokens2_m[b:], valid2_m[b:],
                                       0, method=self._fused_heads)
-        teacher_probs = jax.lax.stop_gradient(jax.nn.softmax(mlm_logits_m, axis=-1))
-        ce, mlm_metrics = mlm_loss(mlm_logits, targets, weights)
-        soft = soft_mlm_loss(mlm_logits, teacher_probs, weights)
-        mlm = (1.0 - alpha) * ce + alpha * soft
+        return dict(u=u, w=w, u_m=u_m, w_m=w_m, itm_logits=itm_logits, itm_labels=labels,
+                    mlm_logits=mlm_logits, mlm_logits_m=jax.lax.stop_gradient(mlm_logits_m),
+                    temperature=temperature)
 
-        loss = self._w["itc"] * itc + self._w["itm"] * itm + self._w["mlm"] * mlm
-        metrics = dict(metrics, **itm_metrics, **mlm_metrics, itc_loss=itc, itm_loss=itm,
-                       mlm_loss=mlm, mlm_ce=ce, mlm_soft=soft, alpha=alpha,
-                       temperature=temperature)
-        new_aux = dict(aux, image_queue=queue_push(aux["image_queue"], u_m),
-                       text_queue=queue_push(aux["text_queue"], w_m))
+    # ---- objectives -------------------------------------------------------------------------
+    def _itc_objective(self, inp):
+        o, alpha = inp.outputs, self.alpha(inp.step)
+        loss, metrics = self.itc(o["u"], o["w"], o["u_m"], o["w_m"], inp.shared,
+                                 o["temperature"], alpha)
+        return loss, dict(metrics, alpha=alpha, temperature=o["temperature"])
+
+    def _itm_objective(self, inp):
+        return itm_loss(inp.outputs["itm_logits"], inp.outputs["itm_labels"])
+
+    def _mlm_objective(self, inp):
+        """(1 - alpha) CE + alpha soft-CE against the momentum model's prediction."""
+        o, b, alpha = inp.outputs, inp.batch, self.alpha(inp.step)
+        teacher_probs = jax.nn.softmax(o["mlm_logits_m"], axis=-1)
+        ce, metrics = mlm_loss(o["mlm_logits"], b["mlm_targets"], b["mlm_weights"])
+        soft = soft_mlm_loss(o["mlm_logits"], teacher_probs, b["mlm_weights"])
+        return (1.0 - alpha) * ce + alpha * soft, dict(metrics, mlm_ce=ce, mlm_soft=soft)
+
+    # ---- Method interface -------------------------------------------------------------------
+    def prepare_batch(self, batch, rng):
+        """MLM masks of the captions, drawn once per step before differentiation."""
+        return self.masking(batch, rng)
+
+    def loss(self, params, aux, batch, rng, step):
+        """ITC + ITM + MLM of a prepared batch (see the module docstring); the queues take the
+        batch's momentum features."""
+        require_prepared(batch, who="ALBEF")
+        k_fwd, k_obj = jax.random.split(rng)
+        outputs = self.forward(params, aux, batch, k_fwd)
+        loss, metrics, _ = self.combiner(params, outputs, batch, k_obj, step, shared=aux)
+        new_aux = dict(aux, image_queue=self.queue.push(aux["image_queue"], outputs["u_m"]),
+                       text_queue=self.queue.push(aux["text_queue"], outputs["w_m"]))
         return loss, metrics, new_aux
 
+    def value_and_grad(self, params, aux, batch, rng, step):
+        batch = self.prepare_batch(batch, jax.random.fold_in(rng, PREPARE_SALT))
+        return super().value_and_grad(params, aux, batch, rng, step)
+
     def predict_fns(self):
-        """The base encoders plus `score_pairs(params, images, tokens) -> [B]` (ITM head)."""
-        return dict(super().predict_fns(), score_pairs=model_predict_fn(self.model, "score_pairs"))
+        """The encoders plus `score_pairs(params, images, tokens) -> [B]` (ITM head)."""
+        return fusion_predict_fns(self.model)

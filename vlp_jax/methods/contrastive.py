@@ -34,7 +34,6 @@ import dataclasses
 import functools
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 

@@ -33,7 +33,15 @@ Combining objectives:
                         conditional masking: the MLM task masks only the text, the region tasks
                         only the image, ITM masks nothing.
 
-config.method fields: objectives, mixing, weights {name: w} (wpa 0.1, others 1),
+On the objectives seam (`vlp_jax.objectives`): each objective above is a term of one
+`Combiner` ('sum' or 'sample' mixing; WPA is a rider of the ITM task and reads the ITM pairs'
+forward, computed once per branch through `LazyOutputs`); MLM masks and the region masks are
+drawn by `prepare_batch` before differentiation. Metrics: `loss/<objective>` (unweighted),
+`<objective>/<metric>` (e.g. `itm/itm_acc`, `mlm/mlm_acc`), `weight/<objective>` for scheduled
+terms, `task_id` when sampling.
+
+config.method fields: objectives (a list of names, or a mapping {name: {weight, start_step,
+ramp_steps}} over those names), mixing, weights {name: w} (wpa 0.1, others 1),
 start_steps {name: N} (that objective's weight is 0 before step N, its loss still computed and
 logged: a curriculum; experiments/vilt_shapes.py starts MLM after an ITM-only warm-up, which
 from scratch lets ITM leave its chance plateau), task_ratios {task: r}, mlm_prob (0.15),
@@ -50,43 +58,28 @@ so no collective is written by hand.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 
 from vlp_jax.losses.itm import itm_loss, random_negative_indices
-from vlp_jax.losses.mlm import mask_tokens, mlm_loss
+from vlp_jax.losses.mlm import mlm_loss
 from vlp_jax.losses.mrm import (codebook_targets, kmeans_codebook, mask_patches, mrc_kl_loss,
                                 mrc_loss, mrfr_loss)
 from vlp_jax.losses.ot import wpa_loss
-from vlp_jax.losses.task_sampler import mix_losses
-from vlp_jax.methods.base import Method, model_predict_fn
+from vlp_jax.methods.base import Method
+from vlp_jax.methods.fusion_common import fusion_predict_fns
 from vlp_jax.nn.patch_embed import patchify
+from vlp_jax.objectives.core import Combiner, FnObjective, LazyOutputs, Term, override_terms
+from vlp_jax.objectives.masking import MlmMasking, require_prepared
+from vlp_jax.objectives.masking import mask_for_mlm, mlm_special_ids  # noqa: F401 (re-exported)
 
 OBJECTIVES = ("mlm", "itm", "wpa", "mrfr", "mrc", "mrc_kl")
+REGION = ("mrfr", "mrc", "mrc_kl")
 MIXING = ("sum", "sample")
 DEFAULT_WEIGHTS = dict(wpa=0.1)
-
-
-def mlm_special_ids(vocab: dict) -> tuple[int, ...]:
-    """Token ids that are never masked: pad, bos, eos (and the mask id itself)."""
-    return tuple(int(vocab[k]) for k in ("pad_id", "bos_id", "eos_id", "mask_id") if k in vocab)
-
-
-def mask_for_mlm(rng, tokens, vocab: dict, prob: float, whole_word: bool):
-    """(inputs, targets, weights) of BERT masking with the tokenizer's ids."""
-    missing = [k for k in ("mask_id", "vocab_size", "pad_id") if k not in vocab]
-    if missing:
-        raise ValueError(f"MLM needs the tokenizer ids {missing} in the method's vocab")
-    word_start = vocab.get("word_start") if whole_word else None
-    if whole_word and word_start is None:
-        raise ValueError("method.whole_word_masking=True needs the tokenizer's word_start table "
-                         "(vocab['word_start'], bool [vocab_size]) in the method's vocab")
-    if word_start is not None:
-        word_start = jnp.asarray(word_start, bool)
-    return mask_tokens(rng, tokens, mask_id=int(vocab["mask_id"]),
-                       vocab_size=int(vocab["vocab_size"]), special_ids=mlm_special_ids(vocab),
-                       prob=prob, word_start=word_start)
+PREPARE_SALT = 0x5EED
 
 
 def wpa_text_mask(valid: jax.Array) -> jax.Array:
@@ -108,7 +101,9 @@ class ViltMethod(Method):
 
     def __post_init__(self):
         cfg = self.config
-        objectives = tuple(cfg.get("objectives", ("mlm", "itm", "wpa")))
+        section = cfg.get("objectives", ("mlm", "itm", "wpa"))
+        overrides = dict(section) if isinstance(section, Mapping) else {}
+        objectives = tuple(section)
         unknown = set(objectives) - set(OBJECTIVES)
         if unknown or not objectives:
             raise ValueError(f"method.objectives has unknown or no entries {sorted(unknown)}; "
@@ -121,34 +116,39 @@ class ViltMethod(Method):
         mixing = cfg.get("mixing", "sum")
         if mixing not in MIXING:
             raise ValueError(f"method.mixing must be one of {MIXING}, got {mixing!r}")
-        self._objectives = objectives
-        self._tasks = tuple(o for o in objectives if o != "wpa")
         weights = dict(cfg.get("weights", None) or {})
         bad = set(weights) - set(OBJECTIVES)
         if bad:
             raise ValueError(f"method.weights has unknown objectives {sorted(bad)}; valid: "
                              f"{OBJECTIVES}")
-        self._weights = {o: float(weights.get(o, DEFAULT_WEIGHTS.get(o, 1.0))) for o in objectives}
         starts = dict(cfg.get("start_steps", None) or {})
         bad = {k: v for k, v in starts.items() if k not in objectives or int(v) < 0}
         if bad:
             raise ValueError(f"method.start_steps {bad}: keys must be in method.objectives "
                              f"{objectives} and steps >= 0")
-        self._starts = {k: int(v) for k, v in starts.items()}
-        if mixing == "sample":
-            ratios = dict(cfg.get("task_ratios", None) or {})
-            bad = set(ratios) - set(self._tasks)
+        mrm_prob = cfg.get("mrm_prob", 0.15)
+        if not 0.0 < mrm_prob < 1.0:
+            raise ValueError(f"method.mrm_prob must be in (0, 1), got {mrm_prob}")
+        self._objectives = objectives
+        self._codebook = bool({"mrc", "mrc_kl"} & set(objectives))
+        self.masking = MlmMasking(self.vocab, cfg.get("mlm_prob", 0.15),
+                                  cfg.get("whole_word_masking", False)) if "mlm" in objectives \
+            else None
+        fns = dict(mlm=self._mlm, itm=self._itm, wpa=self._wpa, mrfr=self._region("mrfr"),
+                   mrc=self._region("mrc"), mrc_kl=self._region("mrc_kl"))
+        terms = [Term(FnObjective(o, fns[o]),
+                      weight=float(weights.get(o, DEFAULT_WEIGHTS.get(o, 1.0))),
+                      start_step=int(starts.get(o, 0)), task="itm" if o == "wpa" else None)
+                 for o in objectives]
+        terms = override_terms(terms, overrides)
+        ratios = dict(cfg.get("task_ratios", None) or {}) if mixing == "sample" else None
+        if ratios:
+            tasks = tuple(o for o in objectives if o != "wpa")
+            bad = set(ratios) - set(tasks)
             if bad:
                 raise ValueError(f"method.task_ratios names tasks {sorted(bad)} that are not in "
-                                 f"method.objectives (tasks: {self._tasks})")
-            self._ratios = tuple(float(ratios.get(t, 1.0)) for t in self._tasks)
-            if min(self._ratios) < 0 or sum(self._ratios) <= 0:
-                raise ValueError(f"method.task_ratios must be >= 0 with a positive sum, got {ratios}")
-        for key in ("mlm_prob", "mrm_prob"):
-            p = cfg.get(key, 0.15)
-            if not 0.0 < p < 1.0:
-                raise ValueError(f"method.{key} must be in (0, 1), got {p}")
-        self._codebook = bool({"mrc", "mrc_kl"} & set(objectives))
+                                 f"method.objectives (tasks: {tasks})")
+        self.combiner = Combiner(terms, mixing, ratios)
 
     # ---- state ------------------------------------------------------------------------------
     def init_aux(self, params):
@@ -176,22 +176,13 @@ class ViltMethod(Method):
     def _apply(self, params, *args, method):
         return self.model.apply({"params": params}, *args, method=method)
 
-    def _mlm(self, params, batch, rng):
-        inputs, targets, weights = mask_for_mlm(rng, batch["text"], self.vocab,
-                                                self.config.get("mlm_prob", 0.15),
-                                                self.config.get("whole_word_masking", False))
-        logits = self._apply(params, batch["image"], inputs,
-                             method=lambda m, x, t: m.mlm_logits(m.encode(x, t)["text"]))
-        return mlm_loss(logits, targets, weights)
-
     def _weight(self, name, step):
-        """weights[name], or 0 before start_steps[name]."""
-        w = self._weights[name]
-        if name not in self._starts:
-            return w
-        return jnp.where(jnp.asarray(step) >= self._starts[name], w, 0.0)
+        """The combiner's weight of `name` at `step` (0 before its start step)."""
+        return self.combiner[name].weight_at(step)
 
-    def _itm(self, params, batch, rng, step):
+    def _itm_forward(self, params, batch, rng):
+        """The ITM pairs (a random half matched, the rest with a random other image) through the
+        transformer: dict(out = the encoder's outputs, logits [B, 2], labels int32 [B])."""
         images, text = batch["image"], batch["text"]
         b = images.shape[0]
         k_neg, k_lab = jax.random.split(rng)
@@ -203,67 +194,77 @@ class ViltMethod(Method):
             out = m.encode(x, t)
             return out, m.itm_logits(out["pooled"])
         out, logits = self._apply(params, pair_images, text, method=forward)
-        loss, metrics = itm_loss(logits, labels)
-        metrics = dict(metrics, itm_loss=loss)
-        loss = self._weight("itm", step) * loss
-        if "wpa" in self._objectives:
-            image_mask = jnp.ones(out["image"].shape[:2], bool)
-            if self.model.image_cls:
-                image_mask = image_mask.at[:, 0].set(False)
-            wpa, wpa_metrics = wpa_loss(out["text"], wpa_text_mask(out["text_valid"]),
-                                        out["image"], image_mask, labels == 1)
-            loss = loss + self._weight("wpa", step) * wpa
-            metrics = dict(metrics, **wpa_metrics, wpa_loss=wpa)
-        return loss, metrics
+        return dict(out=out, logits=logits, labels=labels)
 
-    def _region(self, params, aux, batch, rng, kind):
-        images = batch["image"]
-        b, n = images.shape[0], self.model.num_patches
-        mask = mask_patches(rng, b, n, self.config.get("mrm_prob", 0.15))
+    # ---- objectives (each: ObjectiveInput -> (loss, metrics)) -------------------------------
+    def _mlm(self, inp):
+        b = inp.batch
+        logits = self._apply(inp.params, b["image"], b["mlm_inputs"],
+                             method=lambda m, x, t: m.mlm_logits(m.encode(x, t)["text"]))
+        return mlm_loss(logits, b["mlm_targets"], b["mlm_weights"])
 
-        def forward(m, x, t, pm):
-            patches = m.image_patches(m.encode(x, t, pm)["image"])
-            return m.mrfr_pred(patches) if kind == "mrfr" else m.mrc_logits(patches)
-        pred = self._apply(params, images, batch["text"], mask, method=forward)
-        targets = patchify(images.astype(jnp.float32), self.model.patch_size)
-        if kind == "mrfr":
-            return mrfr_loss(pred, targets, mask)
-        ids, probs = codebook_targets(targets, aux["codebook"],
-                                      self.config.get("mrc_temperature", 1.0))
-        if kind == "mrc":
-            return mrc_loss(pred, ids, mask)
-        return mrc_kl_loss(pred, probs, mask)
+    def _itm(self, inp):
+        pairs = inp.outputs["itm"]
+        return itm_loss(pairs["logits"], pairs["labels"])
 
-    def _task_fn(self, name, params, aux, batch, rng, step):
-        """A zero-argument function returning one task's weighted loss and its metrics
-        (`<task>_loss` unweighted; the ITM task also carries the weighted WPA term)."""
-        def run():
-            if name == "itm":
-                return self._itm(params, batch, rng, step)
-            if name == "mlm":
-                out = self._mlm(params, batch, rng)
+    def _wpa(self, inp):
+        pairs = inp.outputs["itm"]
+        out = pairs["out"]
+        image_mask = jnp.ones(out["image"].shape[:2], bool)
+        if self.model.image_cls:
+            image_mask = image_mask.at[:, 0].set(False)
+        return wpa_loss(out["text"], wpa_text_mask(out["text_valid"]), out["image"], image_mask,
+                        pairs["labels"] == 1)
+
+    def _region(self, kind):
+        def objective(inp):
+            images, mask = inp.batch["image"], inp.batch["mrm_mask"]
+
+            def forward(m, x, t, pm):
+                patches = m.image_patches(m.encode(x, t, pm)["image"])
+                return m.mrfr_pred(patches) if kind == "mrfr" else m.mrc_logits(patches)
+            pred = self._apply(inp.params, images, inp.batch["text"], mask, method=forward)
+            targets = patchify(images.astype(jnp.float32), self.model.patch_size)
+            if kind == "mrfr":
+                out = mrfr_loss(pred, targets, mask)
             else:
-                out = self._region(params, aux, batch, rng, name)
-            loss, metrics = out if isinstance(out, tuple) else (out, {})
-            return self._weight(name, step) * loss, dict(metrics, **{f"{name}_loss": loss})
-        return run
+                ids, probs = codebook_targets(targets, inp.shared["codebook"],
+                                              self.config.get("mrc_temperature", 1.0))
+                out = mrc_loss(pred, ids, mask) if kind == "mrc" else mrc_kl_loss(pred, probs,
+                                                                                  mask)
+            return out if isinstance(out, tuple) else (out, {})
+        return objective
 
     # ---- Method interface -------------------------------------------------------------------
+    def prepare_batch(self, batch, rng):
+        """Drawn once per step before differentiation: the MLM masks of the captions
+        (mlm_inputs / mlm_targets / mlm_weights) and the masked patches of the region tasks
+        (mrm_mask bool [B, N]). With task sampling each task reads only its own modality's
+        masks (UNITER's conditional masking)."""
+        k_mlm, k_mrm = jax.random.split(rng)
+        if self.masking is not None:
+            batch = self.masking(batch, k_mlm)
+        if set(REGION) & set(self._objectives):
+            batch = dict(batch, mrm_mask=mask_patches(k_mrm, batch["image"].shape[0],
+                                                      self.model.num_patches,
+                                                      self.config.get("mrm_prob", 0.15)))
+        return batch
+
     def loss(self, params, aux, batch, rng, step):
-        k_code, k_mix, *keys = jax.random.split(rng, 2 + len(self._tasks))
+        """The combined objectives of a prepared batch: (loss, metrics, aux with the codebook
+        fitted on the first batch)."""
+        if self.masking is not None:
+            require_prepared(batch, who="ViLT")
+        k_code, k_itm, k_obj = jax.random.split(rng, 3)
         aux = self._fitted_codebook(aux, batch["image"], k_code)
-        fns = [self._task_fn(t, params, aux, batch, k, step)
-               for t, k in zip(self._tasks, keys)]
-        if self.config.get("mixing", "sum") == "sample":
-            loss, metrics = mix_losses(k_mix, fns, self._ratios)
-            return loss, metrics, aux
-        total, metrics = 0.0, {}
-        for fn in fns:
-            loss, m = fn()
-            total = total + loss
-            metrics.update(m)
-        return total, metrics, aux
+        outputs = LazyOutputs(producers={"itm": lambda: self._itm_forward(params, batch, k_itm)})
+        loss, metrics, _ = self.combiner(params, outputs, batch, k_obj, step, shared=aux)
+        return loss, metrics, aux
+
+    def value_and_grad(self, params, aux, batch, rng, step):
+        batch = self.prepare_batch(batch, jax.random.fold_in(rng, PREPARE_SALT))
+        return super().value_and_grad(params, aux, batch, rng, step)
 
     def predict_fns(self):
-        """The base encoders plus `score_pairs(params, images, tokens) -> [B]` (ITM head)."""
-        return dict(super().predict_fns(), score_pairs=model_predict_fn(self.model, "score_pairs"))
+        """The encoders plus `score_pairs(params, images, tokens) -> [B]` (ITM head)."""
+        return fusion_predict_fns(self.model)
