@@ -94,3 +94,12 @@ def test_slip_learns_far_above_chance(shapes_data_config, tmp_path):
     print("SLIP eval", ev, "train", result["train"])
     assert ev["zeroshot/top1"] > 3 * ev["zeroshot/chance"], ev
     assert ev["retrieval/t2i_r10"] > 3 * 10 / 128 * 100, ev
+
+
+def test_objectives_section_schedules_the_methods_terms_and_rejects_unknown_names():
+    slip = _method(ssl_weight=0.5, objectives={"ssl": {"ramp_steps": 10, "start_step": 5}})
+    ssl = slip.combiner["ssl"]
+    assert (ssl.weight, ssl.start_step, ssl.ramp_steps) == (0.5, 5, 10)
+    assert float(ssl.weight_at(jnp.int32(10))) == 0.25            # halfway up the ramp
+    with pytest.raises(ValueError, match=r"valid: \['itc', 'ssl'\]"):
+        _method(objectives={"mim": {"weight": 1.0}})
