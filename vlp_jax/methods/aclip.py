@@ -51,6 +51,7 @@ from vlp_jax.objectives.core import Term
 from vlp_jax.objectives.teacher import EmaTeacher
 from vlp_jax.nn.attention import MultiHeadAttention
 from vlp_jax.nn.transformer import EncoderBlock
+from vlp_jax.methods.registry import register_method
 
 SCORES = ("attention", "text", "attention_text")
 
@@ -105,6 +106,7 @@ def _no_remat(model: nn.Module) -> nn.Module:
     return model
 
 
+@register_method("aclip")
 @dataclasses.dataclass
 class AClipMethod(ContrastiveMethod):
 

@@ -62,6 +62,7 @@ from vlp_jax.objectives.core import Combiner, FnObjective, Term, override_terms
 from vlp_jax.objectives.masking import MlmMasking, require_prepared
 from vlp_jax.objectives.teacher import EmaTeacher, FeatureQueue
 from vlp_jax.parallel.sharding import shard_batch_fn
+from vlp_jax.methods.registry import register_method
 
 STUDENT_ONLY = ("log_temperature", "itm_head")   # not averaged into the momentum model
 TERMS = ("itc", "itm", "mlm")
@@ -72,6 +73,7 @@ def teacher_subtrees(tree: dict) -> dict:
     return EmaTeacher(0.0, exclude=STUDENT_ONLY).select(tree)
 
 
+@register_method("albef")
 @dataclasses.dataclass
 class AlbefMethod(Method):
 

@@ -45,6 +45,7 @@ from vlp_jax.models.vit import random_keep_ids
 from vlp_jax.objectives.contrastive import LOSSES, ContrastiveObjective
 from vlp_jax.objectives.core import Combiner, Term, override_terms
 from vlp_jax.objectives.teacher import EmaTeacher
+from vlp_jax.methods.registry import register_method
 
 ACCUMULATION = ("none", "grad_cache", "plain")
 LOGIT_SCALE_RANGE = (0.0, math.log(100.0))     # open_clip's clamp of t = log(1 / tau)
@@ -56,6 +57,7 @@ def named_metrics(name: str, loss, metrics: dict) -> dict:
     return dict({f"{name}/{k}": v for k, v in metrics.items()}, **{f"loss/{name}": loss})
 
 
+@register_method("contrastive")
 @dataclasses.dataclass
 class ContrastiveMethod(Method):
 

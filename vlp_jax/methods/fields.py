@@ -15,6 +15,11 @@ declare(
 OBJECTIVES = Each("term_schedule", key=None)
 
 declare(
+    "method", None,
+    module=Field(str, None, doc="a module to import first: it registers (and declares) the "
+                 "method named by method.name (vlp_jax.methods.registry)"),
+)
+declare(
     "method", "contrastive",
     loss=Field(str, "softmax", choices=("softmax", "sigmoid"), doc="'softmax' (CLIP, ALIGN) or 'sigmoid' (SigLIP)"),
     mask_ratio=Field(float, 0.0, doc="FLIP: fraction of patches dropped"),

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from vlp_jax.methods.contrastive import ContrastiveMethod
 from vlp_jax.methods.ssl_common import require_key
+from vlp_jax.methods.registry import register_method
 
 SAMPLING = ("uniform", "first")
 DEFAULT_CAPTIONS_KEY = "captions"
@@ -58,6 +59,7 @@ def sample_captions(rng: jax.Array, candidates: jax.Array, fallback: jax.Array, 
     return tokens, jnp.where(has_any, idx, -1)
 
 
+@register_method("laclip")
 @dataclasses.dataclass
 class LaClipMethod(ContrastiveMethod):
 

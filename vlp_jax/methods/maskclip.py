@@ -44,11 +44,13 @@ from vlp_jax.methods.ssl_common import (DUAL_ENCODER_KEYS, MaskedTokenPredictor,
 from vlp_jax.objectives.core import FnObjective, Term
 from vlp_jax.objectives.teacher import EmaTeacher
 from vlp_jax.models.vit import random_keep_ids
+from vlp_jax.methods.registry import register_method
 
 TEXT_OBJECTIVES = ("distill", "mlm")
 IMAGE_HEAD, TEXT_HEAD = "maskclip_image_decoder", "maskclip_text_decoder"
 
 
+@register_method("maskclip")
 @dataclasses.dataclass
 class MaskClipMethod(ContrastiveMethod):
 

@@ -27,10 +27,12 @@ from vlp_jax.methods.ssl_common import (ProjectionMLP, image_features, pooled_ex
                                         require_accumulation_none, require_key)
 from vlp_jax.objectives.contrastive import SimclrObjective
 from vlp_jax.objectives.core import Term
+from vlp_jax.methods.registry import register_method
 
 HEAD = "slip_head"
 
 
+@register_method("slip")
 @dataclasses.dataclass
 class SlipMethod(ContrastiveMethod):
 

@@ -74,6 +74,7 @@ from vlp_jax.nn.patch_embed import patchify
 from vlp_jax.objectives.core import Combiner, FnObjective, LazyOutputs, Term, override_terms
 from vlp_jax.objectives.masking import MlmMasking, require_prepared
 from vlp_jax.objectives.masking import mask_for_mlm, mlm_special_ids  # noqa: F401 (re-exported)
+from vlp_jax.methods.registry import register_method
 
 OBJECTIVES = ("mlm", "itm", "wpa", "mrfr", "mrc", "mrc_kl")
 REGION = ("mrfr", "mrc", "mrc_kl")
@@ -96,6 +97,7 @@ def half_positive_labels(rng, batch: int) -> jax.Array:
     return jax.random.permutation(rng, ordered)
 
 
+@register_method("vilt")
 @dataclasses.dataclass
 class ViltMethod(Method):
 

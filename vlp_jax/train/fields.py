@@ -8,7 +8,7 @@ declare(
     seed=Field(int, 0, doc="parameter initialisation and data order"),
     data=Select("data", key="name", default="shapes"),
     model=Select("model", key="name", import_key="module"),
-    method=Select("method", key="name"),
+    method=Select("method", key="name", import_key="module"),
     optim=Select("optim", key="name", default="adamw"),
     train=Sub("train"),
     mesh=Sub("mesh", optional=True),
