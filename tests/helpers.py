@@ -154,3 +154,28 @@ def restore_state(exp, workdir, step=None):
     state, _ = ckpt.restore(exp.restore_target())
     ckpt.close()
     return jax.device_get(state)
+
+
+class InstrumentedIterator:
+    """Wraps a TrainIterator: the batch of step `bad_step` (1-based; None: none) gets NaN
+    images, and `states` counts `get_state` calls; everything else is the wrapped iterator's."""
+
+    def __init__(self, inner, bad_step=None):
+        self.inner, self.bad_step, self.step, self.states = inner, bad_step, 0, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.inner)
+        self.step += 1
+        if self.step == self.bad_step:
+            batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+        return batch
+
+    def get_state(self):
+        self.states += 1
+        return self.inner.get_state()
+
+    def __getattr__(self, name):        # set_state, issue_totals
+        return getattr(self.inner, name)

@@ -13,7 +13,7 @@ from vlp_jax.parallel.mesh import make_mesh, to_global_batch
 from vlp_jax.parallel.sharding import DEFAULT_RULES
 from vlp_jax.train.optim import make_optimizer
 from vlp_jax.train.step import init_state, make_train_step, state_shardings
-from tests.helpers import albef_cfg, single_cfg
+from tests.helpers import albef_cfg, on_devices, single_cfg
 
 VOCAB = dict(vocab_size=40, pad_id=0, bos_id=1, eos_id=2, mask_id=3)
 
@@ -57,7 +57,7 @@ def test_half_of_the_itm_pairs_are_positive():
 def test_uniter_task_mixing_steps_are_finite_and_the_codebook_is_fitted_once(tmp_path):
     """UNITER: one task per step among all five (ViLT's summed MLM + ITM + WPA is trained in the
     learning test below)."""
-    mesh = make_mesh()
+    mesh = make_mesh(devices=jax.devices()[:1])     # the property is not about sharding
     method = build_method(_cfg(single_cfg(), name="vilt",
                                objectives=("mlm", "itm", "wpa", "mrfr", "mrc", "mrc_kl"),
                                mixing="sample",
@@ -295,25 +295,26 @@ def _mlm_chance(config):
 
 def test_vilt_learns_itm_and_mlm_from_its_experiment_file(shapes_data_config, tmp_path):
     """vilt_shapes.py as it stands (MLM + ITM + 0.1 WPA summed, after the ITM-first warm-up:
-    ITM (+WPA) alone for the first 45% of the steps) learns both objectives from scratch.
-    Chance: ITM 50% (half the pairs matched; held out, own vs a random other image), MLM
-    1 / vocab_size. (Summed from step 0, `itm_warmup=0`, ITM stays at chance at this scale:
-    see the experiment file.)"""
-    config = _tiny("vilt_shapes.py", shapes_data_config, steps=1800)
-    assert dict(config.method.start_steps) == {"mlm": 810}
+    ITM (+WPA) alone for the first 45% of the steps) learns both objectives from scratch, in
+    600 steps on one device. Chance: ITM 50% (half the pairs matched; held out, own vs a random
+    other image, +-2.8% one sigma over 320 captions), MLM 1 / vocab_size. (Summed from step 0,
+    `itm_warmup=0`, ITM stays at chance at this scale: see the experiment file.) The recipe's
+    1,800-step run is `benchmarks/vilt_recipe.py`."""
+    config = on_devices(_tiny("vilt_shapes.py", shapes_data_config, steps=600), 1)
+    assert dict(config.method.start_steps) == {"mlm": 270}
     assert tuple(config.method.objectives) == ("mlm", "itm", "wpa")
     config.optim.update(lr=1e-3)                      # the file's peak learning rate
     result, rows, last = _train(config, tmp_path)
     ev = result["eval"]
     print("ViLT train", last, "eval", ev)
-    before = [r for r in rows if r["step"] < 810]
+    before = [r for r in rows if r["step"] < 270]
     assert all(r["train/loss/mlm"] > 0 for r in before)          # computed, weighted 0
     assert all(r["train/weight/mlm"] == 0 for r in before)
-    assert rows[-1]["train/loss/itm"] < 0.8 * before[0]["train/loss/itm"], rows
-    assert last["itm/itm_acc"] > 0.7, last
-    assert ev["rerank/itm_pair_acc"] > 70.0, ev
-    # Measured: MLM 0.16 (it trains ~1,000 steps, on the decaying half of the cosine schedule;
-    # 0.37 with a constant learning rate), ITM 0.86 in training, 85.6% on held-out pairs.
+    assert rows[-1]["train/loss/itm"] < 0.95 * before[0]["train/loss/itm"], rows
+    # Measured (600 steps): ITM 0.65 in training, 71.6% on held-out pairs; MLM 0.154 (38x
+    # chance). 1,800 steps: 90.3% held out, MLM 0.17.
+    assert last["itm/itm_acc"] > 0.55, last
+    assert ev["rerank/itm_pair_acc"] > 62.0, ev
     assert last["mlm/mlm_acc"] > max(0.1, 20 * _mlm_chance(config)), last
     assert ev["rerank/rerank_pairs"] < ev["rerank/total_pairs"]
 

@@ -17,7 +17,7 @@ from vlp_jax.train.checkpoint import Checkpointer
 from vlp_jax.train.metrics_log import read_metrics
 from vlp_jax.train.preemption import EXIT_PREEMPTED
 from vlp_jax.train.trainer import Experiment, NonFiniteError, train_and_evaluate
-from tests.helpers import restore_state, tiny_clip_config
+from tests.helpers import InstrumentedIterator, restore_state, tiny_clip_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 30
@@ -96,33 +96,13 @@ def test_sigterm_checkpoints_exits_75_and_resumes_exactly(devices, shapes_data_d
 
 # ----------------------------------------------------------------------------- NaN 'stop'
 
-class _PoisonedIterator:
-    """Wraps a TrainIterator; the batch of step `bad_step` gets NaN images."""
-
-    def __init__(self, inner, bad_step):
-        self.inner, self.bad_step, self.step = inner, bad_step, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        batch = next(self.inner)
-        self.step += 1
-        if self.step == self.bad_step:
-            batch = dict(batch, image=np.full_like(batch["image"], np.nan))
-        return batch
-
-    def __getattr__(self, name):        # get_state, set_state, issue_totals
-        return getattr(self.inner, name)
-
-
 def test_nonfinite_stop_names_step_and_metric_and_keeps_last_good_state(
         shapes_data_config, tmp_path, monkeypatch):
     from vlp_jax.train import data_bridge
     bad_step = 5
     original = data_bridge.DataBridge.train_iterator
     monkeypatch.setattr(data_bridge.DataBridge, "train_iterator",
-                        lambda self, *a, **k: _PoisonedIterator(original(self, *a, **k),
+                        lambda self, *a, **k: InstrumentedIterator(original(self, *a, **k),
                                                                 bad_step))
     config = tiny_clip_config(shapes_data_config, steps=10, nonfinite="stop", checkpoint_every=1,
                               log_every=1)

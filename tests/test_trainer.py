@@ -10,7 +10,7 @@ from vlp_jax.config_args import load_config
 from vlp_jax.train.checkpoint import Checkpointer
 from vlp_jax.train.metrics_log import read_metrics
 from vlp_jax.train.trainer import Experiment, train_and_evaluate
-from tests.helpers import restore_state, tiny_clip_config
+from tests.helpers import InstrumentedIterator, restore_state, tiny_clip_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,30 +57,6 @@ def test_clip_learns_zero_shot_far_above_chance(trained_clip):
 
 # ------------------------------------------------- the loop: periodic evals, no per-step sync
 
-class _CountingIterator:
-    """Wraps a TrainIterator: counts get_state calls; NaN images at step `bad_step`."""
-
-    def __init__(self, inner, bad_step=None):
-        self.inner, self.bad_step, self.step, self.states = inner, bad_step, 0, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        batch = next(self.inner)
-        self.step += 1
-        if self.step == self.bad_step:
-            batch = dict(batch, image=np.full_like(batch["image"], np.nan))
-        return batch
-
-    def get_state(self):
-        self.states += 1
-        return self.inner.get_state()
-
-    def __getattr__(self, name):        # set_state, issue_totals
-        return getattr(self.inner, name)
-
-
 def _instrument(monkeypatch, bad_step=None):
     """Counts (iterators' get_state calls, preemption checks, traces per predict fn)."""
     from vlp_jax.methods.base import Method
@@ -89,7 +65,7 @@ def _instrument(monkeypatch, bad_step=None):
     original_iter = data_bridge.DataBridge.train_iterator
 
     def train_iterator(self, *a, **k):
-        iterators.append(_CountingIterator(original_iter(self, *a, **k), bad_step))
+        iterators.append(InstrumentedIterator(original_iter(self, *a, **k), bad_step))
         return iterators[-1]
     monkeypatch.setattr(data_bridge.DataBridge, "train_iterator", train_iterator)
     original_requested = preemption.PreemptionGuard.requested
