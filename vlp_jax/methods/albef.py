@@ -66,7 +66,6 @@ from vlp_jax.methods.registry import register_method
 
 STUDENT_ONLY = ("log_temperature", "itm_head")   # not averaged into the momentum model
 TERMS = ("itc", "itm", "mlm")
-PREPARE_SALT = 0x5EED
 
 
 def teacher_subtrees(tree: dict) -> dict:
@@ -234,10 +233,6 @@ class AlbefMethod(Method):
         new_aux = dict(aux, image_queue=self.queue.push(aux["image_queue"], outputs["u_m"]),
                        text_queue=self.queue.push(aux["text_queue"], outputs["w_m"]))
         return loss, metrics, new_aux
-
-    def value_and_grad(self, params, aux, batch, rng, step):
-        batch = self.prepare_batch(batch, jax.random.fold_in(rng, PREPARE_SALT))
-        return super().value_and_grad(params, aux, batch, rng, step)
 
     def predict_fns(self):
         """The encoders plus `score_pairs(params, images, tokens) -> [B]` (ITM head)."""

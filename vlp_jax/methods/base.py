@@ -32,6 +32,9 @@ import ml_collections
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
+PREPARE_SALT = 0x5EED   # fold_in salt of prepare_batch's key
+
+
 @dataclasses.dataclass
 class Method:
     model: nn.Module
@@ -52,9 +55,21 @@ class Method:
     def loss(self, params, aux, batch, rng, step):
         raise NotImplementedError
 
+    @staticmethod
+    def prepare_key(rng: jax.Array) -> jax.Array:
+        """The key `value_and_grad` gives `prepare_batch` (derived from the step key)."""
+        return jax.random.fold_in(rng, PREPARE_SALT)
+
+    def prepare_batch(self, batch: dict, rng: jax.Array) -> dict:
+        """Random choices of inputs (masks, a caption per image), drawn once per step before
+        differentiation. Default: the batch as it is."""
+        return batch
+
     def value_and_grad(self, params, aux, batch, rng, step):
-        """((loss, (metrics, new_aux)), grads). Default: autodiff of `loss`; methods that
-        compute gradients another way (GradCache) override this."""
+        """((loss, (metrics, new_aux)), grads). Default: `prepare_batch`, then autodiff of
+        `loss`; methods that compute gradients another way (GradCache) override this."""
+        batch = self.prepare_batch(batch, self.prepare_key(rng))
+
         def loss_fn(p):
             loss, metrics, new_aux = self.loss(p, aux, batch, rng, step)
             return loss, (metrics, new_aux)

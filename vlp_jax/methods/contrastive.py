@@ -49,7 +49,6 @@ from vlp_jax.methods.registry import register_method
 
 ACCUMULATION = ("none", "grad_cache", "plain")
 LOGIT_SCALE_RANGE = (0.0, math.log(100.0))     # open_clip's clamp of t = log(1 / tau)
-PREPARE_SALT = 0x5EED                          # fold_in salt of prepare_batch's key
 
 
 def named_metrics(name: str, loss, metrics: dict) -> dict:
@@ -179,11 +178,6 @@ class ContrastiveMethod(Method):
         return self._itc.loss_of(embeddings, scalars)
 
     # ---- Method interface -------------------------------------------------------------------
-    @staticmethod
-    def prepare_key(rng: jax.Array) -> jax.Array:
-        """The key `value_and_grad` gives `prepare_batch` (derived from the step key)."""
-        return jax.random.fold_in(rng, PREPARE_SALT)
-
     def prepare_batch(self, batch: dict, rng: jax.Array) -> dict:
         """Random choices of inputs, made once per step before differentiation (so GradCache's
         micro-batches see the very masks of the full batch): FLIP's keep_ids [B, K], then the

@@ -80,7 +80,6 @@ OBJECTIVES = ("mlm", "itm", "wpa", "mrfr", "mrc", "mrc_kl")
 REGION = ("mrfr", "mrc", "mrc_kl")
 MIXING = ("sum", "sample")
 DEFAULT_WEIGHTS = dict(wpa=0.1)
-PREPARE_SALT = 0x5EED
 
 
 def wpa_text_mask(valid: jax.Array) -> jax.Array:
@@ -262,10 +261,6 @@ class ViltMethod(Method):
         outputs = LazyOutputs(producers={"itm": lambda: self._itm_forward(params, batch, k_itm)})
         loss, metrics, _ = self.combiner(params, outputs, batch, k_obj, step, shared=aux)
         return loss, metrics, aux
-
-    def value_and_grad(self, params, aux, batch, rng, step):
-        batch = self.prepare_batch(batch, jax.random.fold_in(rng, PREPARE_SALT))
-        return super().value_and_grad(params, aux, batch, rng, step)
 
     def predict_fns(self):
         """The encoders plus `score_pairs(params, images, tokens) -> [B]` (ITM head)."""
