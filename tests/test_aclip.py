@@ -19,9 +19,9 @@ from tests.helpers import tiny_experiment_config
 VOCAB = dict(vocab_size=50, pad_id=0, bos_id=1, eos_id=2, mask_id=3)
 
 
-def _method(depth=2, pool="cls", **method):
+def _method(depth=2, pool="cls", stack=None, **method):
     model = ml_collections.ConfigDict(dict(
-        name="dual_encoder", embed_dim=16,
+        name="dual_encoder", embed_dim=16, **(stack or {}),
         image=dict(type="vit", patch_size=4, width=16, depth=depth, num_heads=2, mlp_dim=32,
                    image_size=16, pool=pool),
         text=dict(width=16, depth=1, num_heads=2, mlp_dim=32, context_length=8)))
@@ -59,7 +59,7 @@ def test_captured_attention_is_every_blocks_softmax_and_leaves_the_forward_uncha
     batch = _batch()
     params, _ = _init(method, batch)
     (emb, pooled, tokens), weights = capture_block_attention(method.model, params, batch["image"])
-    assert len(weights) == 3                                   # one per block, not the pooling
+    assert weights.shape[0] == 3                               # one per block, not the pooling
     for w in weights:
         assert w.shape == (8, 2, 17, 17)                       # [B, heads, 1 + 16, 1 + 16]
         np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-5)
@@ -68,6 +68,22 @@ def test_captured_attention_is_every_blocks_softmax_and_leaves_the_forward_uncha
     # the same function up to float32 rounding (~1e-7 of values of order 1, over 3 blocks).
     for a, b in zip((emb, pooled, tokens), ref):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
+
+
+def test_captured_attention_is_the_same_with_scanned_rematerialised_layers():
+    """The scores come from the tower's return_weights path, so scan_layers and remat (which
+    a method interceptor cannot see through) give the loop's weights on restacked params."""
+    from vlp_jax.nn.transformer import stack_layers
+    loop = _method(depth=2)
+    scanned = _method(depth=2, stack=dict(scan_layers=True, remat=True))
+    batch = _batch()
+    params, _ = _init(loop, batch)
+    (_, _, t0), w0 = capture_block_attention(loop.model, params, batch["image"])
+    (_, _, t1), w1 = jax.jit(lambda p, x: capture_block_attention(scanned.model, p, x))(
+        stack_layers(params), batch["image"])
+    assert w1.shape == w0.shape == (2, 8, 2, 17, 17)
+    np.testing.assert_allclose(w1, w0, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(t1, t0, rtol=1e-5, atol=1e-5 * float(np.abs(t0).max()))
 
 
 def test_attention_score_is_the_class_token_row_averaged_over_layers_and_heads():

@@ -49,8 +49,7 @@ from vlp_jax.objectives.contrastive import (MultiViewContrastiveObjective,
                                             OnlineToEmaDistillObjective, SimclrObjective)
 from vlp_jax.objectives.core import Term
 from vlp_jax.objectives.teacher import EmaTeacher
-from vlp_jax.nn.attention import MultiHeadAttention
-from vlp_jax.nn.transformer import EncoderBlock
+from vlp_jax.nn.collectives import l2_normalize
 from vlp_jax.methods.registry import register_method
 
 SCORES = ("attention", "text", "attention_text")
@@ -59,29 +58,24 @@ SCORES = ("attention", "text", "attention_text")
 def capture_block_attention(model: nn.Module, params, images):
     """Image-tower forward that also returns every encoder block's self-attention.
 
-    Returns ((embedding [B, D], pooled [B, W], tokens [B, T, W]), [L x float32 [B, h, T, T]]).
-    The weights are read with a Flax method interceptor, so the encoder code is untouched; the
-    model must not rematerialise its blocks (the caller passes a remat-free clone).
+    Returns ((embedding [B, D], pooled [B, W], tokens [B, T, W]), float32 [L, B, h, T, T]).
+    The weights come from the ViT's `return_weights=True` path (the explicit softmax; it works
+    with `scan_layers` and `remat`); an image tower without that path (ResNet) is an error.
     """
-    weights = []
-
-    def interceptor(next_fun, args, kwargs, context):
-        if (isinstance(context.module, MultiHeadAttention) and context.method_name == "__call__"
-                and isinstance(context.module.parent, EncoderBlock)
-                and context.module.name == "attn"):
-            out, w = next_fun(*args, **dict(kwargs, return_weights=True))
-            weights.append(w)
-            return out
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(interceptor):
-        feats = image_features(model, params, images)
-    return feats, weights
+    def fn(m, x):
+        try:
+            pooled, tokens, weights = m.image_tower(x, return_weights=True)
+        except TypeError as e:
+            raise ValueError("A-CLIP's attention scores need an image tower with attention "
+                             f"weights (model.image.type='vit'): {e}") from e
+        return (l2_normalize(m.image_proj(pooled)), pooled, tokens), weights
+    return model.apply({"params": params}, images, method=fn)
 
 
-def attention_scores(weights: list[jax.Array], num_patches: int) -> jax.Array:
-    """Per-patch score [B, N] from block attentions [L x [B, h, T, T]] (see module docstring)."""
-    a = jnp.mean(jnp.stack(weights), axis=(0, 2))                 # [B, T, T]
+def attention_scores(weights, num_patches: int) -> jax.Array:
+    """Per-patch score [B, N] from block attentions [L, B, h, T, T] (an array or a list of L
+    [B, h, T, T]; see module docstring)."""
+    a = jnp.mean(jnp.asarray(weights), axis=(0, 2))               # [B, T, T]
     prefix = a.shape[-1] - num_patches
     if prefix == 1:
         return a[:, 0, 1:]
@@ -97,13 +91,6 @@ def attentive_keep_ids(scores: jax.Array, keep: int) -> jax.Array:
     """Indices of the `keep` highest scores per row, in raster order: [B, N] -> int32 [B, keep]."""
     _, ids = jax.lax.top_k(scores, keep)
     return jnp.sort(ids, axis=-1).astype(jnp.int32)
-
-
-def _no_remat(model: nn.Module) -> nn.Module:
-    tower = model.image_tower
-    if getattr(tower, "remat", False):
-        return model.clone(image_tower=tower.clone(remat=False))
-    return model
 
 
 @register_method("aclip")
@@ -125,7 +112,6 @@ class AClipMethod(ContrastiveMethod):
             raise ValueError(f"method.keep_ratio must be in (0, 1], got {ratio}")
         self._num_patches = patch_count(self.model)
         self._keep = max(1, int(round(self._num_patches * ratio)))
-        self._teacher_model = _no_remat(self.model)
         self._ssl_w = cfg.get("ssl_weight", 0.0) if cfg.get("views", 1) == 2 else 0.0
         self._distill_w = cfg.get("distill_weight", 0.0)
 
@@ -159,7 +145,7 @@ class AClipMethod(ContrastiveMethod):
 
     def teacher_view(self, teacher, images, text):
         """Scores [B, N] of the full view and the teacher's pooled output [B, W]."""
-        (_, pooled, tokens), weights = capture_block_attention(self._teacher_model, teacher,
+        (_, pooled, tokens), weights = capture_block_attention(self.model, teacher,
                                                                images)
         kind = self.config.get("score", "attention")
         scores = attention_scores(weights, self._num_patches)
