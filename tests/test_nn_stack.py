@@ -211,3 +211,29 @@ def test_decoding_with_cross_attention_equals_the_full_causal_pass():
         steps.append(y)
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, **TOL)
     assert int(cache["block1"]["attn"]["cache_index"]) == 5
+
+
+def test_prefill_of_a_bidirectional_prefix_then_steps_equals_the_prefix_lm_pass():
+    """GIT / SimVLM decoding: the prefix (image tokens) goes into the cache in one call under
+    a mask over absolute positions (bidirectional within the prefix); then one token per
+    step, causal. Equals the full pass under prefix_mask."""
+    x = _x(length=6)
+    enc = Encoder(2, 4, 64)
+    mask = prefix_mask(6, 3)
+    params = enc.init(jax.random.key(2), x, mask)["params"]
+    full = enc.apply({"params": params}, x, mask)
+    dec = enc.clone(decode=True, max_decode_length=6)
+    cache = dec.init(jax.random.key(2), x[:, :3], mask[..., :3, :])["cache"]
+    y0, mut = dec.apply({"params": params, "cache": cache}, x[:, :3], mask[..., :3, :],
+                        mutable=["cache"])
+    steps = [y0]
+    cache = mut["cache"]
+    for t in range(3, 6):
+        y, mut = dec.apply({"params": params, "cache": cache}, x[:, t:t + 1],
+                           mutable=["cache"])
+        cache = mut["cache"]
+        steps.append(y)
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, **TOL)
+    causal_prefill = dec.apply({"params": params, "cache": dec.init(
+        jax.random.key(2), x[:, :3])["cache"]}, x[:, :3], mutable=["cache"])[0]
+    assert not np.allclose(causal_prefill[:, 0], full[:, 0], atol=1e-3)   # the mask mattered

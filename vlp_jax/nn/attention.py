@@ -74,7 +74,10 @@ class MultiHeadAttention(nn.Module):
         h, d], `cache_index` []); a call with Q new tokens writes them at cache_index, attends
         causally over everything written so far and advances the index by Q. The cache is
         created (zeros, index 0) by `init` with decode=True and must be passed back mutable:
-        `apply({'params': p, 'cache': c}, x, mutable=['cache'])`.
+        `apply({'params': p, 'cache': c}, x, mutable=['cache'])`. With a `mask` in this mode,
+        the mask [B|1, 1, Q, max_decode_length] is over absolute key positions and replaces
+        the causal rule (ANDed with "written so far"): a prefill of a bidirectional prefix
+        (GIT's image tokens, SimVLM's prefix) passes `prefix_mask(max_decode_length, P)[..., :Q, :]`.
       max_decode_length: the cache length (the longest sequence that can be decoded).
 
     Call:
@@ -104,15 +107,17 @@ class MultiHeadAttention(nn.Module):
         cached_v = self.variable("cache", "cached_value", jnp.zeros, shape, v.dtype)
         index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
         if not initialized:      # init: shape the cache, attend over the given tokens only
-            return k, v, mask
+            return k, v, None if mask is None else mask[..., :q_len]
         i = index.value
         cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, i, 0, 0))
         cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, i, 0, 0))
         index.value = i + q_len
-        q_pos = i + jnp.arange(q_len)
-        step_mask = (jnp.arange(self.max_decode_length)[None, :] <= q_pos[:, None])[None, None]
-        mask = step_mask if mask is None else mask & step_mask
-        return cached_k.value, cached_v.value, mask
+        key_pos = jnp.arange(self.max_decode_length)[None, :]
+        if mask is None:         # causal over absolute positions
+            q_pos = i + jnp.arange(q_len)
+            return cached_k.value, cached_v.value, (key_pos <= q_pos[:, None])[None, None]
+        # the caller's mask over absolute key positions, limited to the keys written so far
+        return cached_k.value, cached_v.value, mask & (key_pos < i + q_len)[None, None]
 
     @nn.compact
     def __call__(self, inputs_q, inputs_kv=None, mask=None, return_weights=False):
