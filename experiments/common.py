@@ -108,3 +108,20 @@ def evaluator(kind: str, max_examples: int | None = None, batch_size: int = 256,
 
 def evals(**entries) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(entries)
+
+
+def captioning_method(decode: str = "greedy", **extra) -> ml_collections.ConfigDict:
+    """The generative method (GIT, SimVLM, CoCa): captioning CE (+ ITC with a contrastive
+    head), decoding `decode` up to the model's context length (beam 4, GNMT alpha 0.6)."""
+    return ml_collections.ConfigDict(dict(
+        name="captioning", label_smoothing=0.0, prefix_fraction=0.0,
+        decoding=dict(mode=decode, beam_size=4, length_penalty=0.6), **extra))
+
+
+def generative_evals(arg, **more) -> ml_collections.ConfigDict:
+    """Captioning on the test split (128 images at smoke size, 512 otherwise) and zero-shot
+    classification by prompt likelihood, plus `more` entries."""
+    n = 128 if arg.smoke else 512
+    return evals(captioning=evaluator("captioning", n, batch_size=128),
+                 zeroshot_likelihood=evaluator("likelihood_zero_shot", n, batch_size=128),
+                 **more)

@@ -22,3 +22,7 @@ declare(
 )
 declare("evaluator", "compositional", use_itm=Field(bool, True),
         tie_tolerance=Field(float, 1e-5))
+declare("evaluator", "captioning",
+        log_examples=Field(int, 4, doc="generated captions written to the log"))
+declare("evaluator", "likelihood_zero_shot",
+        template=Field(int, 0, doc="index of the prompt template scored"))

@@ -16,7 +16,9 @@ An evaluator is a function
     (`embed.map_in_batches` pads the last batch) so a jitted function compiles once;
     the batch should divide evenly over the mesh's data axes;
   load_eval_set_fn: (split, max_examples) -> `vlp_jax.data.types.EvalSet`;
-  tokenize_fn: list[str] -> int32 [N, L].
+  tokenize_fn: list[str] -> int32 [N, L]; the trainer passes a `TextCodec`, whose
+    `decode(ids int [N, L]) -> list[str]` turns generated tokens back into text
+    (`detokenizer` fetches it with a clear error where it is missing).
 
 It returns unprefixed metric names (`run_evaluators` adds '<evaluator name>/'). Evaluators
 import no methods and no models: they see only these functions.
@@ -49,3 +51,26 @@ def require(predict: PredictFns, name: str, evaluator: str) -> Callable[..., Any
 def without(predict: PredictFns, *names: str) -> dict[str, Callable[..., Any]]:
     """A copy of `predict` without `names` (e.g. scoring by ITC although an ITM head exists)."""
     return {k: v for k, v in predict.items() if k not in names}
+
+
+class TextCodec:
+    """A tokenize_fn that can also decode: codec(texts) -> int32 [N, L] (encode) and
+    codec.decode(ids int [N, L]) -> list[str] (stops at eos, skips pad / bos)."""
+
+    def __init__(self, encode: TokenizeFn, decode: Callable[[np.ndarray], list]):
+        self._encode, self._decode = encode, decode
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        return self._encode(texts)
+
+    def decode(self, ids: np.ndarray) -> list[str]:
+        return list(self._decode(np.asarray(ids)))
+
+
+def detokenizer(tokenize_fn: TokenizeFn, evaluator: str) -> Callable[[np.ndarray], list]:
+    """tokenize_fn.decode, or a ValueError naming the evaluator that needs it."""
+    decode = getattr(tokenize_fn, "decode", None)
+    if decode is None:
+        raise ValueError(f"evaluator type {evaluator!r} turns generated tokens into text: pass "
+                         "a tokenize_fn with a `decode` (evaluators.protocol.TextCodec)")
+    return decode

@@ -35,6 +35,7 @@ import numpy as np
 
 from vlp_jax.config_schema import declare, resolve_entry, resolve_part
 from vlp_jax.data.types import EvalSet
+from vlp_jax.evaluators.captioning import evaluate_captioning, evaluate_likelihood_zero_shot
 from vlp_jax.evaluators.compositional import evaluate_compositional_config
 from vlp_jax.evaluators.embed import embed_in_batches
 from vlp_jax.evaluators.itm_rerank import evaluate_itm_rerank
@@ -91,6 +92,8 @@ EVALUATORS: dict[str, EvaluatorFn] = {
     "retrieval": evaluate_retrieval,
     "itm_rerank_retrieval": evaluate_itm_rerank,
     "compositional": evaluate_compositional_config,
+    "captioning": evaluate_captioning,
+    "likelihood_zero_shot": evaluate_likelihood_zero_shot,
 }
 
 

@@ -51,6 +51,16 @@ ACCUMULATION = ("none", "grad_cache", "plain")
 LOGIT_SCALE_RANGE = (0.0, math.log(100.0))     # open_clip's clamp of t = log(1 / tau)
 
 
+def clamp_logit_scale(params: dict) -> dict:
+    """Clamps the logit scale t into [0, ln 100] (open_clip's `logit_scale.clamp_`), the
+    projection applied after the optimizer update; params without one pass unchanged."""
+    if "logit_scale" not in params:
+        return params
+    lo, hi = LOGIT_SCALE_RANGE
+    t = params["logit_scale"]
+    return dict(params, logit_scale=jnp.clip(t, lo, hi).astype(t.dtype))
+
+
 def named_metrics(name: str, loss, metrics: dict) -> dict:
     """The combiner's metric names for one objective: `<name>/<metric>`, `loss/<name>`."""
     return dict({f"{name}/{k}": v for k, v in metrics.items()}, **{f"loss/{name}": loss})
@@ -127,12 +137,7 @@ class ContrastiveMethod(Method):
         return dict(aux, teacher=self.ema.update(aux["teacher"], params))
 
     def project_params(self, params):
-        """Clamps the logit scale t into [0, ln 100] after the update (open_clip)."""
-        if "logit_scale" not in params:
-            return params
-        lo, hi = LOGIT_SCALE_RANGE
-        return dict(params, logit_scale=jnp.clip(params["logit_scale"], lo, hi).astype(
-            params["logit_scale"].dtype))
+        return clamp_logit_scale(params)
 
     # ---- forward ----------------------------------------------------------------------------
     def keep_ids(self, rng, images):

@@ -1,7 +1,7 @@
 """Declared fields of `config.method`, chosen by `method.name` (see `vlp_jax.config_schema`).
 The readers are the method classes in this package; `extends` mirrors their class hierarchy
 (SLIP, LaCLIP, A-CLIP and MaskCLIP are ContrastiveMethods)."""
-from vlp_jax.config_schema import OMIT, Each, Field, Map, Seq, declare
+from vlp_jax.config_schema import OMIT, Each, Field, Map, Seq, Sub, declare
 
 # `method.objectives` of the methods built on a Combiner: {term name: schedule overrides}
 # applied to the method's own terms (objectives.core.override_terms checks the names); nothing
@@ -78,4 +78,20 @@ declare(
     task_ratios=Field(Map(float), {}), mlm_prob=Field(float, 0.15), mrm_prob=Field(float, 0.15),
     whole_word_masking=Field(bool, False), mrc_temperature=Field(float, 1.0),
     kmeans_iterations=Field(int, 10),
+)
+declare(
+    "method", "captioning",
+    objectives=OBJECTIVES,
+    label_smoothing=Field(float, 0.0, doc="of the captioning CE (CoCa 0.1)"),
+    prefix_fraction=Field(float, 0.0, doc="SimVLM PrefixLM: prefix length ~ U{0..f*n} words "
+                          "(0: plain captioning)"),
+    loss=Field(str, "softmax", choices=("softmax", "sigmoid"), doc="ITC loss (CoCa)"),
+    decoding=Sub("decoding"),
+)
+declare(
+    "decoding", None,
+    mode=Field(str, "greedy", choices=("greedy", "beam", "sample")),
+    max_length=Field(int, OMIT, doc="default: the model's context length"),
+    beam_size=Field(int, 4), length_penalty=Field(float, 0.6, doc="GNMT alpha"),
+    temperature=Field(float, 1.0), top_k=Field(int, 0), seed=Field(int, 0),
 )

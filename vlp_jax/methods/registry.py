@@ -25,7 +25,7 @@ from vlp_jax.models.registry import build_model
 
 BUILTIN_MODULES = ("vlp_jax.methods.contrastive", "vlp_jax.methods.slip",
                    "vlp_jax.methods.laclip", "vlp_jax.methods.aclip", "vlp_jax.methods.maskclip",
-                   "vlp_jax.methods.vilt", "vlp_jax.methods.albef")
+                   "vlp_jax.methods.vilt", "vlp_jax.methods.albef", "vlp_jax.methods.captioning")
 METHODS: dict[str, type[Method]] = {}
 
 

@@ -81,3 +81,29 @@ declare(
 )
 declare("single_stream.image", None, image_size=Field(int), patch_size=Field(int))
 declare("single_stream.text", None, context_length=Field(int))
+
+# Generative models (vlp_jax/models/git.py, encoder_decoder.py, coca.py): a ViT image tower.
+declare(
+    "model", "git",
+    width=Field(int), depth=Field(int, doc="decoder layers"), num_heads=Field(int),
+    mlp_dim=Field(int, FOUR_WIDTH), context_length=Field(int, doc="longest caption, bos..eos"),
+    image=IMAGE_TOWER,
+)
+declare(
+    "model", "encoder_decoder",
+    width=Field(int), encoder_depth=Field(int), decoder_depth=Field(int), num_heads=Field(int),
+    mlp_dim=Field(int, FOUR_WIDTH), context_length=Field(int), image=IMAGE_TOWER,
+)
+declare(
+    "model", "coca",
+    embed_dim=Field(int, doc="contrastive embedding width"),
+    num_queries=Field(int, 16, doc="attention-pooled image tokens the decoder reads (CoCa 256)"),
+    logit_scale_init=Field(float, 2.6592600369262695, doc="log(1 / temperature) at init"),
+    image=IMAGE_TOWER, text=Sub("coca.text"),
+)
+declare(
+    "coca.text", None,
+    width=Field(int), unimodal_depth=Field(int, doc="text-only decoder layers"),
+    multimodal_depth=Field(int, doc="decoder layers with cross-attention to the image"),
+    num_heads=Field(int), mlp_dim=Field(int, FOUR_WIDTH), context_length=Field(int),
+)

@@ -31,7 +31,8 @@ from vlp_jax.nn.transformer import REMAT_POLICIES
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 BUILTIN_MODULES = ("vlp_jax.models.vit", "vlp_jax.models.resnet", "vlp_jax.models.dual_encoder",
-                   "vlp_jax.models.fusion", "vlp_jax.models.single_stream")
+                   "vlp_jax.models.fusion", "vlp_jax.models.single_stream",
+                   "vlp_jax.models.git", "vlp_jax.models.encoder_decoder", "vlp_jax.models.coca")
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 IMAGE_TOWERS: dict[str, Callable[..., nn.Module]] = {}

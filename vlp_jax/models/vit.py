@@ -52,6 +52,11 @@ class ViT(nn.Module):
     dropout_rate: float = 0.0
     deterministic: bool = True
 
+    @property
+    def num_tokens(self) -> int:
+        """T, the output tokens of a full image: patches (+1 with a class token)."""
+        return (self.image_size // self.patch_size) ** 2 + (self.pool == "cls")
+
     @nn.compact
     def __call__(self, images, keep_ids=None, return_weights=False):
         if self.pool not in POOLS:

@@ -99,3 +99,18 @@ class PredictionHead(nn.Module):
         bias = self.param("bias", zeros((self.bias_axis,)), (self.num_outputs,))
         logits = jnp.einsum("...w,vw->...v", h, table.astype(h.dtype))
         return logits.astype(jnp.float32) + bias
+
+
+class TokenProjection(nn.Module):
+    """LayerNorm(Dense(x)): image-tower tokens [B, T, Wv] -> decoder-width tokens [B, T, W]
+    (GIT's visual projection; the encoder-decoder's image input). Params dense/{kernel [Wv, W],
+    bias [W]}, ln/{scale, bias}."""
+
+    width: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(self.width, dtype=self.dtype, name="dense",
+                     kernel_init=dense_init((None, "embed")), bias_init=zeros(("embed",)))(x)
+        return layer_norm("ln", self.dtype)(x)

@@ -55,3 +55,25 @@ class AttentionPool(nn.Module):
         y = MultiHeadAttention(self.num_heads, self.dtype, self.implementation, name="attn")(probe, x)
         y = y + MlpBlock(self.mlp_dim, self.dtype, name="mlp")(layer_norm("ln", self.dtype)(y))
         return y[:, 0]
+
+
+class AttentionalPooler(nn.Module):
+    """CoCa's attentional pooler (Yu et al. 2022, sec. 3.2): `num_queries` learned queries
+    cross-attend to the tokens, then LayerNorm. x [B, T, W] -> [B, num_queries, W].
+    (n = 1 gives the contrastive image embedding, n = 256 in CoCa the decoder's image tokens.)
+    Params queries [n, W], attn/..., ln/{scale, bias}."""
+
+    num_queries: int
+    num_heads: int
+    dtype: Any = jnp.float32
+    implementation: str | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        width = x.shape[-1]
+        q = self.param("queries", logical(nn.initializers.normal(0.02), (None, "embed")),
+                       (self.num_queries, width))
+        q = jnp.broadcast_to(q.astype(x.dtype), (x.shape[0], self.num_queries, width))
+        y = MultiHeadAttention(self.num_heads, self.dtype, self.implementation, name="attn")(
+            q, layer_norm("ln_kv", self.dtype)(x))
+        return layer_norm("ln", self.dtype)(y)

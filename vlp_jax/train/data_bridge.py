@@ -36,6 +36,10 @@ class DataBridge:
         """list[str] -> int32 [N, data.text_length]."""
         return self.tokenizer.encode(list(texts), self.config.text_length)
 
+    def detokenize(self, ids) -> list[str]:
+        """int [N, L] token rows -> N texts (up to eos; pad and bos skipped)."""
+        return self.tokenizer.decode(np.asarray(ids).reshape(-1, np.shape(ids)[-1]))
+
     def example_shapes(self) -> dict:
         """Abstract batch-1 shapes of a train batch, {key: ShapeDtypeStruct}: initialisation
         traces these (never a global-size array): image float32 [1, S, S, 3], text int32

@@ -109,11 +109,12 @@ class Experiment:
         """Runs `evals` (default: all of config.evals) with the jitted prediction functions
         bound to `params` -> {'<name>/<metric>': float}."""
         from vlp_jax.evaluators import run_evaluators
+        from vlp_jax.evaluators.protocol import TextCodec
         evals = self.config.get("evals", None) if evals is None else evals
         if not evals:
             return {}
         return run_evaluators(evals, self.predict_fns(params), self.data.load_eval_set,
-                              self.data.tokenize)
+                              TextCodec(self.data.tokenize, self.data.detokenize))
 
 
 def _write_json(path: str, payload: dict) -> None:
