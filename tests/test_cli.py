@@ -126,3 +126,12 @@ def test_eval_on_a_checkpoint_of_another_model(capsys, tmp_path, shapes_data_dir
     ckpt.close()
     line = _fails(capsys, "eval", "--config", str(experiment), "--workdir", str(workdir))
     assert "does not match this model" in line and str(workdir) in line
+
+
+def test_caption_needs_images_and_a_checkpoint(capsys, tmp_path):
+    git = os.path.join(ROOT, "experiments", "git_shapes.py")
+    work = ("--config", git, "--workdir", str(tmp_path))
+    assert "needs --images" in _fails(capsys, "caption", *work)
+    assert "no checkpoint" in _fails(capsys, "caption", *work, "--images", "a.png")
+    assert "--images is read by `vlp-jax caption` only" in _fails(capsys, "eval", *work,
+                                                                  "--images", "a.png")

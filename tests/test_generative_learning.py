@@ -70,3 +70,29 @@ def test_generative_model_learns_to_caption(experiment, steps, colour, main_obje
     assert ev["captioning/main_colour_acc"] > colour, ev
     assert ev["captioning/main_object_acc"] > main_object, ev
     assert ev["captioning/bleu4"] > 10.0 and ev["captioning/cider"] > 20.0, ev
+    if experiment == "git_shapes.py":
+        _check_caption_files(config, tmp_path)
+
+
+def _check_caption_files(config, workdir):
+    """`vlp-jax caption`'s path (image files -> captions) gives the evaluator's captions of the
+    same held-out images, written losslessly to PNG; a JPEG and an odd size decode too."""
+    from PIL import Image
+    from vlp_jax.train.caption import caption_files
+    from vlp_jax.train.data_bridge import DataBridge
+    from vlp_jax.train.trainer import restore_experiment
+    ds = DataBridge(config.data).load_eval_set("validation", 4)
+    paths = []
+    for i, x in enumerate(ds.images):
+        paths.append(str(workdir / f"val{i}.png"))
+        Image.fromarray(np.round((x + 1.0) * 127.5).astype(np.uint8)).save(paths[-1])
+    big = Image.fromarray(np.round((ds.images[0] + 1.0) * 127.5).astype(np.uint8))
+    big.resize((40, 30)).save(str(workdir / "odd.jpg"))
+    captions = caption_files(config, str(workdir), paths + [str(workdir / "odd.jpg")])
+    exp, state = restore_experiment(config, str(workdir))
+    tokens = exp.predict_fns(state.params)["generate"](np.asarray(ds.images))
+    assert captions[:4] == exp.data.detokenize(tokens), captions
+    assert all(c.strip() for c in captions)
+    with pytest.raises(ValueError, match="cannot decode image file"):
+        (workdir / "bad.png").write_bytes(b"not a png")
+        caption_files(config, str(workdir), [str(workdir / "bad.png")])

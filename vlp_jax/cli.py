@@ -5,6 +5,7 @@
     vlp-jax eval  --config experiments/clip_shapes.py --workdir workdirs/clip
     vlp-jax build-data --config experiments/clip_shapes.py
     vlp-jax sweep --config experiments/ablation_flip_ratio.py[:smoke] --workdir workdirs/flip
+    vlp-jax caption --config experiments/git_shapes.py --workdir workdirs/git --images a.png b.jpg
 
 `--config path[:arg]` loads `get_config(arg)` from the file; any declared field can be
 overridden with `--config.a.b=value` (or `--config.a.b value`); the value is converted to the
@@ -12,8 +13,8 @@ field's type. The config is then checked as a whole (`vlp_jax.config_schema.reso
 anything is built.
 
 Errors a user can cause (a missing or broken experiment argument, an unknown key or override,
-a bad value, `eval` on a workdir without checkpoints, a checkpoint of another model, `sweep`
-on a file without variants) print one line, `vlp-jax <command>: error: ...`, on stderr and
+a bad value, `eval` / `caption` on a workdir without checkpoints, a checkpoint of another
+model, `sweep` on a file without variants, an unreadable image file) print one line, `vlp-jax <command>: error: ...`, on stderr and
 exit with status 2 (USAGE_ERROR); a preempted run exits with `preemption.EXIT_PREEMPTED`.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ import os
 import re
 import sys
 
-COMMANDS = ("train", "eval", "build-data", "sweep")
+COMMANDS = ("train", "eval", "build-data", "sweep", "caption")
 USAGE_ERROR = 2
 _OVERRIDE = re.compile(r"^--config\.([A-Za-z_][\w.]*)(?:=(.*))?$", re.S)
 
@@ -48,6 +49,8 @@ def _parser() -> _Parser:
                    help="experiment file with get_config(arg)")
     p.add_argument("--workdir", help="directory for checkpoints, metrics, eval.json")
     p.add_argument("--no_progress", action="store_true", help="disable the progress bar")
+    p.add_argument("--images", nargs="+", default=(), metavar="FILE",
+                   help="caption: image files to caption")
     return p
 
 
@@ -105,11 +108,15 @@ def _prepare(args, overrides):
     config = resolve(apply_overrides(config, typed))
     if args.command != "build-data" and not args.workdir:
         raise UsageError(f"`vlp-jax {args.command}` needs --workdir")
-    if args.command == "eval" and not _has_checkpoint(args.workdir):
+    if args.images and args.command != "caption":
+        raise UsageError("--images is read by `vlp-jax caption` only")
+    if args.command == "caption" and not args.images:
+        raise UsageError("`vlp-jax caption` needs --images FILE [FILE ...]")
+    if args.command in ("eval", "caption") and not _has_checkpoint(args.workdir):
         raise UsageError(f"no checkpoint in {os.path.join(args.workdir, 'checkpoints')} to "
                          f"evaluate (train first: vlp-jax train --config {args.config} "
                          f"--workdir {args.workdir})")
-    if args.command in ("train", "eval"):
+    if args.command in ("train", "eval", "caption"):
         from vlp_jax.parallel.mesh import make_mesh
         from vlp_jax.train.trainer import validate_config
         validate_config(config, make_mesh(config.mesh))
@@ -142,6 +149,11 @@ def _run(args, overrides) -> None:
             rows = run_sweep(args.config, args.workdir, overrides=typed, progress=progress)
             print(markdown_table(rows))
             return
+        if args.command == "caption":
+            from vlp_jax.train.caption import caption_files
+            for path, text in zip(args.images, caption_files(config, args.workdir, args.images)):
+                print(f"{path}\t{text}")
+            return
         if args.command == "train":
             result = train_and_evaluate(config, args.workdir, progress=progress)
         else:
@@ -150,6 +162,11 @@ def _run(args, overrides) -> None:
         print(str(e), file=sys.stderr)
         sys.exit(EXIT_PREEMPTED)
     except CheckpointError as e:   # no checkpoint, another model's, or a bad config.init one
+        raise UsageError(_one_line(e)) from None
+    except (FileNotFoundError, ValueError) as e:
+        if args.command != "caption":
+            raise
+        # a missing or undecodable image file, a method that does not generate
         raise UsageError(_one_line(e)) from None
     print(json.dumps(result, indent=2, sort_keys=True))
 

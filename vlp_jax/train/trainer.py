@@ -282,12 +282,10 @@ def _train_loop(exp, state, data_iter, step_fn, ckpt, writer, bar, guard, start,
     return state, last
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
-                        step: int | None = None) -> dict[str, Any]:
-    """Restores the latest (or given) checkpoint in workdir, runs config.evals, writes eval.json.
-
-    Raises NoCheckpointError (workdir without checkpoints, or no such step) and
-    CheckpointMismatchError (a checkpoint of another model or config), one-line messages."""
+def restore_experiment(config: ml_collections.ConfigDict, workdir: str,
+                       step: int | None = None) -> tuple["Experiment", Any]:
+    """(Experiment, TrainState) of the latest (or given) checkpoint in workdir. Raises
+    NoCheckpointError / CheckpointMismatchError (one-line messages)."""
     directory = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(directory):
         raise NoCheckpointError(f"no checkpoint to evaluate: {directory} does not exist")
@@ -299,7 +297,16 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
         ckpt.close()
     if restored is None:
         raise NoCheckpointError(f"no checkpoint to evaluate in {directory}")
-    state, _ = restored
+    return exp, restored[0]
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                        step: int | None = None) -> dict[str, Any]:
+    """Restores the latest (or given) checkpoint in workdir, runs config.evals, writes eval.json.
+
+    Raises NoCheckpointError (workdir without checkpoints, or no such step) and
+    CheckpointMismatchError (a checkpoint of another model or config), one-line messages."""
+    exp, state = restore_experiment(config, workdir, step)
     results = exp.evaluate(state.params)
     _write_json(os.path.join(workdir, "eval.json"), {"step": int(state.step), **results})
     return {"step": int(state.step), "eval": results}
