@@ -1,8 +1,9 @@
 """Declared fields of `config.data` (see `vlp_jax.config_schema`; the readers are
-data/pipeline.py, data/shapes_builder.py, data/preprocess.py and train/data_bridge.py)."""
+data/pipeline.py, data/shapes_builder.py, data/preprocess.py, data/sources.py, data/photo.py
+and train/data_bridge.py)."""
 import dataclasses
 
-from vlp_jax.config_schema import Field, declare
+from vlp_jax.config_schema import Field, Seq, declare
 from vlp_jax.data.preprocess import AugmentConfig
 
 declare(
@@ -31,3 +32,37 @@ declare(
     **{f"augment_{f.name}": Field(float, f.default, doc=f"AugmentConfig.{f.name}")
        for f in dataclasses.fields(AugmentConfig)},
 )
+
+# Sources read from files (vlp_jax/data/sources.py): they take the fields above (those about
+# the pipeline; the shapes world's sizes and seed are unused) and these.
+_FILE_SOURCE_FIELDS = dict(
+    train_path=Field(str, None, doc="training annotation file (or image folder)"),
+    val_path=Field(str, None, doc="validation annotation file; None: the train file's 'val' "
+                                  "split (Karpathy layout)"),
+    test_path=Field(str, None, doc="test annotation file; None: the train file's 'test' split "
+                                   "(Karpathy layout)"),
+    zeroshot_path=Field(str, None, doc="image folder (one sub-folder per class) evaluated as "
+                                       "split 'zeroshot'"),
+    image_root=Field(str, None, doc="folder image paths are relative to; None: the annotation "
+                                    "file's folder"),
+    tokenizer=Field(str, "source", choices=("source", "shapes"),
+                    doc="'source': sentencepiece trained on the training captions (cached); "
+                        "'shapes': the shapes world's"),
+    tokenizer_path=Field(str, None, doc="a sentencepiece .model file (overrides tokenizer)"),
+    crop_scale_min=Field(float, 0.9, doc="random-resized-crop area fraction, lower bound"),
+    crop_scale_max=Field(float, 1.0, doc="random-resized-crop area fraction, upper bound"),
+    hflip=Field(bool, False, doc="random horizontal flips in training (captions name "
+                                 "left/right)"),
+    image_mean=Field(Seq(float), (0.5, 0.5, 0.5), doc="per-channel mean of x / 255"),
+    image_std=Field(Seq(float), (0.5, 0.5, 0.5), doc="per-channel std of x / 255"),
+    prompt_templates=Field(Seq(str), ("a photo of a {}.", "a picture of a {}.",
+                                      "an image of a {}.", "a photo of the {}.",
+                                      "a close-up photo of a {}.", "a cropped photo of a {}."),
+                           doc="zero-shot prompts (and image-folder captions), one '{}' each"),
+)
+declare("data", "coco_json", extends="shapes", **_FILE_SOURCE_FIELDS)
+declare("data", "image_folder", extends="shapes", **_FILE_SOURCE_FIELDS)
+declare("data", "csv", extends="shapes", **_FILE_SOURCE_FIELDS,
+        csv_img_key=Field(str, "filepath", doc="column of image paths"),
+        csv_caption_key=Field(str, "title", doc="column of captions"),
+        csv_separator=Field(str, None, doc="None: tab for .tsv files, ',' otherwise"))

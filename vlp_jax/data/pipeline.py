@@ -102,8 +102,8 @@ class _TrainTransform:
     """
 
     def __init__(self, data_config: ml_collections.ConfigDict, tokenizer: Tokenizer,
-                 table: rewrites.RewriteTable | None):
-        self.tokenizer, self.table = tokenizer, table
+                 table: rewrites.RewriteTable | None, photos=None):
+        self.tokenizer, self.table, self.photos = tokenizer, table, photos
         self.size = int(data_config.image_size)
         self.length = int(data_config.text_length)
         self.augment = bool(data_config.augment)
@@ -113,12 +113,18 @@ class _TrainTransform:
         self.num_candidates = num_caption_candidates(data_config)
 
     def _view(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if self.photos is not None:
+            return self.photos.train(image, rng)
         if self.augment:
             return preprocess.augment_image(image, rng, self.augment_cfg)
         return preprocess.normalize(image)
 
     def _clean(self, example) -> tuple[np.ndarray, list[str], int, list[str]]:
-        """(uint8 [S, S, 3] image, captions, label, issue kinds) or BadExample."""
+        """(uint8 [S, S, 3] image, captions, label, issue kinds) or BadExample. A record may
+        carry its source's verdict (`issue_kind`, `issue`: see `vlp_jax.data.sources`); with
+        `photos` (a `photo.PhotoTransform`), images keep their own size until `_view`."""
+        if isinstance(example, dict) and "issue_kind" in example:
+            raise sanitize.BadExample(str(example.get("issue", "")), example["issue_kind"])
         try:
             raw_image, raw_captions, raw_label = (example["image"], example["captions"],
                                                   example["label"])
@@ -126,8 +132,17 @@ class _TrainTransform:
         except (KeyError, TypeError, ValueError) as e:
             raise sanitize.BadExample(f"malformed record: {type(e).__name__}: {e}",
                                       "skipped_malformed") from None
-        image, flags = sanitize.to_rgb_image(raw_image, self.size)
-        captions, dropped = sanitize.clean_captions(raw_captions)
+        try:
+            if self.photos is not None:
+                image, flags = self.photos.clean(raw_image)
+            else:
+                image, flags = sanitize.to_rgb_image(raw_image, self.size)
+            captions, dropped = sanitize.clean_captions(raw_captions)
+        except sanitize.BadExample as e:
+            path = example.get("path") if isinstance(example, dict) else None
+            if path:
+                raise sanitize.BadExample(f"{path}: {e}", e.kind) from None
+            raise
         kinds = [{"converted": "converted_channels", "resized": "resized"}[f] for f in flags]
         if dropped:
             kinds.append("dropped_empty_caption")
@@ -298,22 +313,26 @@ def _validate_batch(global_batch_size: int, process_index: int, process_count: i
 
 def make_train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_size: int,
                         seed: int, process_index: int = 0, process_count: int = 1,
-                        source=None) -> TrainIterator:
+                        source=None, tokenizer: Tokenizer | None = None,
+                        photos=None) -> TrainIterator:
     """The training stream of this process (see the module docstring).
 
     `source`: the raw train records, any random-access object (`__len__`, `__getitem__`)
     whose items are dicts with `image` (encoded bytes or a uint8 array [H, W(, C)]),
     `captions` (a list of str / bytes) and `label` (int); default the shapes train split.
     Bad records are handled as `vlp_jax.data.sanitize` describes (skipped, converted,
-    truncated) and counted (`TrainIterator.issue_totals`). The tokenizer is always the
-    shapes dataset's.
+    truncated) and counted (`TrainIterator.issue_totals`). `tokenizer`: default the shapes
+    dataset's. `photos`: a `vlp_jax.data.photo.PhotoTransform` for sources of photos of any
+    size (decoded at their size, then its train transform instead of the shapes
+    augmentation). With both `source` and `tokenizer` given, the shapes dataset is not built.
     """
     local_batch = _validate_batch(global_batch_size, process_index, process_count)
     data_config = resolve_part("data", data_config)
     if int(data_config.text_length) < 2:
         raise ValueError(f"data.text_length must be >= 2, got {data_config.text_length}")
-    builder = shapes_builder.ensure_built(data_config)
-    tokenizer = shapes_builder.load_tokenizer(data_config)
+    if source is None or tokenizer is None:
+        builder = shapes_builder.ensure_built(data_config)
+        tokenizer = tokenizer or shapes_builder.load_tokenizer(data_config)
     table = None
     if data_config.all_captions and data_config.rewrites_path:
         table = rewrites.load_rewrites(data_config.rewrites_path)
@@ -331,7 +350,7 @@ def make_train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_
         raise ValueError(f"process {process_index} of {process_count} has no train records "
                          f"(the source has {len(source)})")
     ds = ds.shuffle(seed=shuffle_seed).repeat(None)
-    ds = ds.random_map(_TrainTransform(data_config, tokenizer, table), seed=map_seed)
+    ds = ds.random_map(_TrainTransform(data_config, tokenizer, table, photos), seed=map_seed)
     prefetch = int(data_config.prefetch_batches) * local_batch
     options = grain.ReadOptions(num_threads=int(data_config.read_threads),
                                 prefetch_buffer_size=prefetch)

@@ -2,6 +2,14 @@
 
 It builds the dataset if absent, loads its tokenizer, and hands out the train iterator,
 evaluation sets and a tokenize function; methods and evaluators never import dataset code.
+
+`data.name` chooses the data: 'shapes' (the procedural world, built as a TFDS dataset) or a
+source reading files (`vlp_jax.data.sources.SOURCES`: coco_json, csv, image_folder). For a
+file source, splits map to files: 'train' -> data.train_path, 'validation' / 'test' ->
+data.val_path / data.test_path (else the train file's split of that name, Karpathy layout),
+'zeroshot' -> data.zeroshot_path (an image folder). Its tokenizer is data.tokenizer_path, else
+the shapes world's (data.tokenizer='shapes'), else sentencepiece trained on the training
+captions and the zero-shot prompts, cached under the shapes builder's data dir.
 """
 from __future__ import annotations
 
@@ -11,20 +19,76 @@ import jax
 import ml_collections
 import numpy as np
 
-from vlp_jax.data import pipeline, shapes_builder
+import os
+
+from vlp_jax.config_schema import resolve_part
+from vlp_jax.data import photo, pipeline, shapes_builder, sources
+from vlp_jax.data.tokenizer import Tokenizer
 from vlp_jax.data.types import EvalSet
+
+_EVAL_PATHS = {"validation": "val_path", "test": "test_path"}
 
 
 class DataBridge:
     def __init__(self, data_config: ml_collections.ConfigDict):
         name = data_config.get("name", "shapes")
-        if name != "shapes":
-            raise ValueError(f"data.name {name!r} is unknown; valid: ['shapes']")
-        self.config = data_config
-        self.builder = shapes_builder.ensure_built(data_config)
-        self.tokenizer = shapes_builder.load_tokenizer(data_config)
+        valid = ["shapes"] + sorted(sources.SOURCES)
+        if name not in valid:
+            raise ValueError(f"data.name {name!r} is unknown; valid: {valid}")
+        self.name = name
+        if name == "shapes":
+            self.config = data_config
+            self.builder = shapes_builder.ensure_built(data_config)
+            self.tokenizer = shapes_builder.load_tokenizer(data_config)
+            return
+        self.config = resolve_part("data", data_config)
+        self.builder = None
+        self.photos = photo.photo_transform(self.config)
+        self.train_listing = self._listing("train")
+        self.train_listing.require_usable()
+        self.tokenizer = self._file_tokenizer()
+
+    def _listing(self, split: str) -> sources.Listing:
+        """The Listing of a split of a file source (SourceError naming what is missing)."""
+        c = self.config
+        if split == "zeroshot":
+            if not c.zeroshot_path:
+                raise sources.SourceError("split 'zeroshot' needs data.zeroshot_path (an image "
+                                          "folder)")
+            return sources.read_listing("image_folder", c.zeroshot_path, split, c)
+        if split == "train":
+            if not c.train_path:
+                raise sources.SourceError(f"data.name={self.name!r} needs data.train_path")
+            return sources.read_listing(self.name, c.train_path, split, c)
+        if split not in _EVAL_PATHS:
+            raise ValueError(f"split {split!r} is unknown; valid: "
+                             f"{['train', *_EVAL_PATHS, 'zeroshot']}")
+        path = c[_EVAL_PATHS[split]]
+        if path:
+            return sources.read_listing(self.name, path, split, c)
+        listing = sources.read_listing(self.name, c.train_path, split, c)
+        if not listing.has_splits:
+            raise sources.SourceError(f"split {split!r} needs data.{_EVAL_PATHS[split]}: "
+                                      f"{c.train_path} holds a single split")
+        return listing
+
+    def _file_tokenizer(self):
+        c = self.config
+        if c.tokenizer_path:
+            return Tokenizer(os.path.expanduser(c.tokenizer_path))
+        if c.tokenizer == "shapes":
+            return shapes_builder.load_tokenizer(c)
+        extra = []
+        if c.zeroshot_path:
+            names = self._listing("zeroshot").class_names
+            extra = [p for n in names for p in sources.class_prompts(n, c.prompt_templates)]
+        return sources.trained_tokenizer(
+            sources.tokenizer_sentences(self.train_listing, extra), c.vocab_size,
+            os.path.join(shapes_builder.data_dir(c), sources.TOKENIZER_DIR))
 
     def location(self) -> str:
+        if self.builder is None:
+            return str(self.train_listing.origin)
         return str(self.builder.data_dir)
 
     def vocab(self) -> dict:
@@ -52,15 +116,25 @@ class DataBridge:
         """The raw train records handed to the pipeline (a `__len__` / `__getitem__` object of
         dicts with image, captions, label); None means the dataset's own train split.
         Tests override it to inject bad records."""
-        return None
+        if self.name == "shapes":
+            return None
+        return sources.FileRecords(self.train_listing, self.name)
 
     def train_iterator(self, global_batch_size: int, seed: int) -> pipeline.TrainIterator:
         """This process's batches; `issue_totals()` counts the bad records it met."""
         return pipeline.make_train_iterator(
             self.config, global_batch_size=global_batch_size, seed=seed,
             process_index=jax.process_index(), process_count=jax.process_count(),
-            source=self.train_source())
+            source=self.train_source(), tokenizer=self.tokenizer,
+            photos=None if self.name == "shapes" else self.photos)
 
     @functools.lru_cache(maxsize=8)
     def load_eval_set(self, split: str, max_examples: int | None = None) -> EvalSet:
-        return pipeline.load_eval_set(self.config, split, max_examples)
+        """An evaluation split: shapes' 'train' / 'validation' / 'test'; a file source's
+        'validation', 'test', 'zeroshot' (or 'train'), preprocessed by the evaluation
+        transform (shorter side resized, centre crop)."""
+        if self.name == "shapes":
+            return pipeline.load_eval_set(self.config, split, max_examples)
+        listing = self.train_listing if split == "train" else self._listing(split)
+        return sources.load_eval_set(listing, self.photos, self.config.prompt_templates,
+                                     max_examples)

@@ -1,0 +1,78 @@
+"""CLIP (Radford et al. 2021) on your own image-text files: clip_shapes.py's towers, optimiser
+and loop, with the data read from disk (`vlp_jax.data.sources`).
+
+    vlp-jax train --workdir workdirs/coco \
+      --config experiments/clip_own_data.py:train=/data/coco/dataset_coco.json,root=/data/coco
+
+Arguments (`:a=1,b=2`):
+  train=PATH     training annotations: COCO captions / Karpathy JSON (.json), CSV / TSV
+                 (.csv, .tsv: columns filepath / title, `--config.data.csv_img_key=...`), or an
+                 image folder (a directory)
+  val=PATH       retrieval evaluation file, same format (default: the train file's 'val' split,
+                 Karpathy layout)
+  format=NAME    coco_json, csv or image_folder instead of guessing from train's extension
+  root=DIR       folder the image paths are relative to (default: each annotation file's)
+  zeroshot=DIR   an image folder (one sub-folder per class) for zero-shot classification
+  res, steps, batch, smoke   as clip_shapes.py (res default 64; smoke: 32 px, 300 steps)
+Evaluations: `retrieval` on the validation split and, with zeroshot=, `zeroshot` on the
+folder, so eval.json holds retrieval/i2t_r1 ... and zeroshot/top1 as the main job's.
+"""
+import os
+
+import ml_collections
+
+from vlp_jax.config_args import sibling
+
+common = sibling(__file__)
+FORMATS = {".json": "coco_json", ".csv": "csv", ".tsv": "csv"}
+
+
+def guess_format(path: str) -> str:
+    """The source name of a training path: a directory is an image folder, else by extension
+    (.json -> coco_json, .csv / .tsv -> csv); no path -> coco_json."""
+    if not path:
+        return "coco_json"
+    if os.path.isdir(path):
+        return "image_folder"
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in FORMATS:
+        raise ValueError(f"cannot tell the format of {path!r} from its extension; valid: "
+                         f"{sorted(FORMATS)} or a directory; or pass format=")
+    return FORMATS[ext]
+
+
+def get_config(arg=None):
+    arg = common.parse(arg, train="", val="", format="", root="", zeroshot="")
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    data = dict(name=arg.format or guess_format(arg.train),
+                image_size=arg.res or (32 if arg.smoke else 64), text_length=32,
+                vocab_size=256 if arg.smoke else 2048)
+    paths = dict(train_path=arg.train, val_path=arg.val, image_root=arg.root,
+                 zeroshot_path=arg.zeroshot)
+    data.update({k: os.path.abspath(os.path.expanduser(v)) for k, v in paths.items() if v})
+    config.data = ml_collections.ConfigDict(data)
+    res = config.data.image_size
+    width = 64 if arg.smoke else 96
+    depth = 2 if arg.smoke else 3
+    config.model = ml_collections.ConfigDict(dict(
+        name="dual_encoder",
+        embed_dim=width,
+        logit_scale_init=2.6592600369262695,          # log(1 / 0.07), as CLIP
+        dtype="float32",
+        remat=False,
+        image=common.vit(res, width, depth),
+        text=common.text(width, depth, config.data.get_ref("text_length"), causal=True,
+                         pool="eot"),
+    ))
+    config.method = ml_collections.ConfigDict(dict(name="contrastive", loss="softmax",
+                                                   mask_ratio=0.0))
+    steps = common.steps(arg)
+    config.optim = common.adamw(steps)
+    config.train = common.train(arg, steps)
+    config.mesh = common.mesh()
+    evals = dict(retrieval=common.evaluator("retrieval", split="validation"))
+    if arg.zeroshot:
+        evals["zeroshot"] = common.evaluator("zero_shot", split="zeroshot")
+    config.evals = common.evals(**evals)
+    return config
