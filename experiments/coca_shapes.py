@@ -9,7 +9,9 @@ CE (CoCa's lambda_Con = 1, lambda_Cap = 2).
 Arguments: smoke, steps, batch, res; decode; queries (16; CoCa 256); smoothing (label
 smoothing of the captioning CE, 0.0; CoCa 0.1).
 Evaluation: captioning and likelihood zero-shot as git_shapes.py, plus the contrastive head
-through the CLIP evaluators (zero-shot, retrieval), comparable with clip_shapes.py.
+through the CLIP evaluators (zero-shot, retrieval), comparable with clip_shapes.py, and ITC's
+top 16 re-ranked by caption likelihood (`itm_rerank_retrieval` with `score_pairs` = the mean
+log-likelihood of the caption).
 """
 import ml_collections
 
@@ -36,5 +38,7 @@ def get_config(arg=None):
         itc=dict(weight=1.0), caption=dict(weight=2.0)))
     config.method.label_smoothing = float(arg.smoothing)
     config.evals = common.generative_evals(
-        arg, zeroshot=common.evaluator("zero_shot"), retrieval=common.evaluator("retrieval"))
+        arg, zeroshot=common.evaluator("zero_shot"), retrieval=common.evaluator("retrieval"),
+        rerank=common.evaluator("itm_rerank_retrieval", 128 if arg.smoke else 512,
+                                batch_size=128, k=16))
     return config

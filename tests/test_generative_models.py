@@ -115,3 +115,28 @@ def test_cached_generation_equals_uncached_and_beam_one_equals_greedy(name, scan
     beam1 = jax.jit(generate_fn(model, VOCAB, max_length=8, mode="beam", beam_size=1))(
         params, images)
     np.testing.assert_array_equal(beam1, cached)
+
+
+def test_generation_sharded_over_eight_devices_equals_one_device():
+    """The trainer's Predictor jits `generate` with the batch split over the mesh (parameters
+    on their shardings): the tokens are those of the single-device call."""
+    import flax.linen as nn
+    from vlp_jax.methods.registry import build_method
+    from vlp_jax.parallel.mesh import make_mesh
+    from vlp_jax.parallel.sharding import DEFAULT_RULES, param_shardings
+    from vlp_jax.train.predict import Predictor
+    assert len(jax.devices()) == 8
+    mesh = make_mesh()
+    cfg = ml_collections.ConfigDict(dict(model=_cfg("git"), method=dict(name="captioning")))
+    method = build_method(cfg, VOCAB, mesh)
+    images, tokens = _inputs(n=8)
+    boxed = jax.eval_shape(lambda: method.init_params(jax.random.key(0),
+                                                      dict(image=images, text=tokens)))
+    shardings = param_shardings(boxed, mesh, DEFAULT_RULES)
+    params = jax.jit(lambda k: nn.meta.unbox(method.init_params(k, dict(image=images,
+                                                                        text=tokens))),
+                     out_shardings=shardings)(jax.random.key(0))
+    sharded = Predictor(method.predict_fns(), shardings, mesh).call("generate", params, images)
+    single = jax.jit(method.predict_fns()["generate"])(jax.device_get(params), images)
+    np.testing.assert_array_equal(sharded, single)
+    assert sharded.shape == (8, 8)
