@@ -197,6 +197,53 @@ def test_photo_formats_decode_to_rgb(tmp_path, fmt, mode):
     assert abs(int(out[10, 15, 0]) - 200) <= 3
 
 
+def test_photos_of_any_size_and_mode_are_cropped_to_the_training_size(tmp_path):
+    """Non-square RGB JPEGs and greyscale PNGs of other sizes train at image_size; greyscale
+    counts as converted_channels."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    items = []
+    for i, (h, w_, mode) in enumerate([(48, 80, "RGB"), (90, 30, "L"), (33, 33, "RGB")] * 3):
+        pixels = rng.integers(0, 256, (h, w_, 3) if mode == "RGB" else (h, w_), np.uint8)
+        name = f"{i}.{'jpg' if mode == 'RGB' else 'png'}"
+        Image.fromarray(pixels, mode).save(folder / name)
+        items.append((name, [f"photo number {i}."], -1))
+    path = write_coco(str(tmp_path / "photos.json"), items, image_dir="photos")
+    bridge = DataBridge(file_config(train_path=path, data_dir=str(tmp_path / "cache"),
+                                    read_threads=0))
+    it = bridge.train_iterator(global_batch_size=9, seed=0)
+    batch = next(it)
+    assert batch["image"].shape == (9, SIZE, SIZE, 3) and batch["label"].tolist() == [-1] * 9
+    assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+    assert it.issue_totals()["converted_channels"] == 3
+    assert it.issue_totals()["skipped_undecodable"] == 0
+    ds = bridge.load_eval_set("train")
+    assert ds.images.shape == (9, SIZE, SIZE, 3)
+
+
+def test_an_image_folder_trains_on_its_class_prompts(tmp_path):
+    root = write_image_folder(str(tmp_path / "classes"), 48, seed=6)
+    bridge = DataBridge(file_config(name="image_folder", train_path=root, read_threads=0,
+                                    data_dir=str(tmp_path / "cache")))
+    names = bridge.train_listing.class_names
+    batch = next(bridge.train_iterator(global_batch_size=16, seed=0))
+    for label, text in zip(batch["label"].tolist(), bridge.detokenize(batch["text"])):
+        assert names[label] in text, (names[label], text)
+
+
+def test_the_shapes_tokenizer_can_be_chosen(shapes_data_dir, world):
+    from vlp_jax.data.pipeline import tiny_data_config
+    from vlp_jax.data.shapes_builder import load_tokenizer
+    shapes = tiny_data_config(data_dir=shapes_data_dir)
+    config = file_config(train_path=os.path.join(world["root"], "train.json"),
+                         tokenizer="shapes", **{k: shapes[k] for k in (
+                             "data_dir", "image_size", "num_train", "num_validation",
+                             "num_test", "vocab_size", "text_length")})
+    assert DataBridge(config).tokenizer.model_bytes == load_tokenizer(shapes).model_bytes
+    assert not os.path.exists(os.path.join(shapes_data_dir, sources.TOKENIZER_DIR))
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def _bad_world(world, tmp_path):
@@ -220,7 +267,10 @@ def _bad_world(world, tmp_path):
     return path
 
 
-def test_every_bad_record_kind_is_skipped_counted_and_named(world, tmp_path, caplog):
+def test_every_bad_record_kind_is_skipped_counted_and_named(world, tmp_path, caplog,
+                                                           monkeypatch):
+    from vlp_jax.data import pipeline
+    monkeypatch.setattr(pipeline, "_skip_logs", [0])     # the first 20 skips of a process log
     path = _bad_world(world, tmp_path)
     bridge = DataBridge(file_config(train_path=path, data_dir=world["data_dir"],
                                     read_threads=0))
