@@ -292,6 +292,17 @@ def test_every_bad_record_kind_is_skipped_counted_and_named(world, tmp_path, cap
     assert "image_id 12345, absent from 'images'" in logged
 
 
+def test_eval_sets_skip_bad_records_with_a_warning(world, tmp_path, caplog):
+    path = _bad_world(world, tmp_path)
+    bridge = DataBridge(file_config(train_path=path, val_path=path, data_dir=world["data_dir"]))
+    with caplog.at_level(logging.WARNING):
+        ds = bridge.load_eval_set("validation")
+    assert len(ds) == 8
+    assert [list(c) for c in ds.captions] == [caps for _, caps, _ in world["train"][:8]]
+    assert "missing.png: missing image file" in caplog.text
+    assert "5 evaluation records skipped" in caplog.text
+
+
 def test_bad_csv_rows_are_counted_and_skipped(world, tmp_path):
     good = world["train"][:8]
     path = tmp_path / "pairs.csv"
