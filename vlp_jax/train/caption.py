@@ -1,8 +1,8 @@
 """`vlp-jax caption`: captions for image files from a trained generative model's checkpoint.
 
 Each file is decoded (PNG / JPEG / WebP, any mode -> RGB), resized so its shorter side is the
-model's `data.image_size` and centre-cropped (CLIP's evaluation transform), normalised as the
-training images are, and captioned with the method's `generate` predict function
+model's `data.image_size` and centre-cropped (CLIP's evaluation transform, `data.photo`),
+normalised as the training images are, and captioned with the method's `generate` predict function
 (`method.decoding`: greedy, beam or sampling). An unreadable file is an error naming it.
 """
 from __future__ import annotations
@@ -13,28 +13,26 @@ from typing import Sequence
 import ml_collections
 import numpy as np
 
+from vlp_jax.data import photo
 from vlp_jax.data.preprocess import normalize
+from vlp_jax.data.sanitize import BadExample
 
 
-def load_image(path: str, size: int) -> np.ndarray:
-    """An image file -> float32 [size, size, 3] in [-1, 1] (shorter side resized to `size`
-    with bicubic filtering, then a centre crop)."""
-    from PIL import Image, UnidentifiedImageError
+def load_image(path: str, data_config) -> np.ndarray:
+    """An image file -> float32 [S, S, 3] as the model's evaluation images are made: decoded
+    to RGB, shorter side resized to data.image_size, centre crop (`data.photo`), normalised
+    with the data section's mean / std (file sources) or to [-1, 1] (shapes)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file {path!r} does not exist")
+    with open(path, "rb") as f:
+        raw = f.read()
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            scale = size / min(w, h)
-            im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))),
-                           Image.BICUBIC)
-            w, h = im.size
-            left, top = (w - size) // 2, (h - size) // 2
-            im = im.crop((left, top, left + size, top + size))
-            return normalize(np.asarray(im, np.uint8))
-    except (UnidentifiedImageError, OSError) as e:
+        image, _ = photo.decode_rgb(raw)
+    except BadExample as e:
         raise ValueError(f"cannot decode image file {path!r}: {e}") from None
+    if "image_mean" in data_config:
+        return photo.photo_transform(data_config).eval(image)
+    return normalize(photo.resize_center_crop(image, int(data_config.image_size)))
 
 
 def caption_files(config: ml_collections.ConfigDict, workdir: str, paths: Sequence[str],
@@ -43,7 +41,7 @@ def caption_files(config: ml_collections.ConfigDict, workdir: str, paths: Sequen
     from vlp_jax.train.trainer import restore_experiment
     if not paths:
         raise ValueError("no image files given (--images FILE ...)")
-    images = np.stack([load_image(p, config.data.image_size) for p in paths])
+    images = np.stack([load_image(p, config.data) for p in paths])
     exp, state = restore_experiment(config, workdir, step)
     predict = exp.predict_fns(state.params)
     if "generate" not in predict:
