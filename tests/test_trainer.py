@@ -21,6 +21,14 @@ def test_short_run_lowers_loss_and_writes_outputs(shapes_data_config, tmp_path):
     rows = [r for r in read_metrics(str(tmp_path)) if "train/loss" in r]
     assert rows[-1]["train/loss"] < rows[0]["train/loss"]
     assert result["step"] == 100
+    # Every log line carries the utilisation figures (vlp_jax.train.flops).
+    for r in rows:
+        assert r["train/flops_per_step"] > 0
+        assert 0.0 < r["train/mfu"] <= 1.0, r
+        assert r["train/tflops_per_device"] > 0
+        assert r["train/samples_per_sec_per_device"] == pytest.approx(
+            r["train/examples_per_sec"] / config.mesh.num_devices)
+        assert 0.0 <= r["train/data_wait_fraction"] <= 1.0
     with open(tmp_path / "eval.json") as f:
         evals = json.load(f)
     for key in ("zeroshot/top1", "retrieval/i2t_r1", "retrieval/t2i_r10"):

@@ -14,12 +14,11 @@ captions and the zero-shot prompts, cached under the shapes builder's data dir.
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import ml_collections
 import numpy as np
-
-import os
 
 from vlp_jax.config_schema import resolve_part
 from vlp_jax.data import photo, pipeline, shapes_builder, sources

@@ -28,6 +28,8 @@ declare(
     nonfinite=Field(str, "skip", choices=("skip", "stop", "ignore"),
                     doc="what a step with non-finite loss or gradients does"),
     preemption_check_every=Field(int, 10, doc="steps between cross-process preemption checks"),
+    peak_flops=Field(float, None, doc="peak FLOP/s per device for the logged mfu (None: the "
+                     "vendor table of vlp_jax.train.flops, or the measured CPU matmul peak)"),
 )
 
 declare(

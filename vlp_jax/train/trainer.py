@@ -25,6 +25,7 @@ from vlp_jax.train import data_bridge
 from vlp_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from vlp_jax.train.errors import (CheckpointMismatchError, NoCheckpointError,  # noqa: F401
                                   NonFiniteError)
+from vlp_jax.train.flops import peak_flops_per_device, step_flops, utilisation
 from vlp_jax.train.metrics_log import MetricWriter, to_python
 from vlp_jax.train.preemption import Preempted, PreemptionGuard
 from vlp_jax.train.optim import learning_rate_schedule, make_optimizer
@@ -234,6 +235,26 @@ class _StopWatch:
             f"position past the bad batch")
 
 
+class _Utilisation:
+    """The log line's FLOP figures (`vlp_jax.train.flops`): the step's FLOPs are counted once,
+    at the first log step, from the lowered step on abstract (state, batch)."""
+
+    def __init__(self, exp, step_fn):
+        self.exp, self.step_fn, self.flops = exp, step_fn, None
+        self.peak = peak_flops_per_device(exp.mesh.devices.flat[0],
+                                          exp.config.train.get("peak_flops", None))
+
+    def __call__(self, state, batch, steps_per_sec: float) -> dict[str, float]:
+        if self.flops is None:
+            abstract = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                (state, batch))
+            self.flops = step_flops(self.step_fn, *abstract)
+        return dict(utilisation(self.flops, steps_per_sec, self.exp.config.train.batch_size,
+                                self.exp.mesh.devices.size, self.peak),
+                    flops_per_step=self.flops)
+
+
 def _train_loop(exp, state, data_iter, step_fn, ckpt, writer, bar, guard, start, stop_at):
     """Runs steps start+1 .. num_steps (or stop_at); returns (state, last logged metrics).
 
@@ -245,9 +266,12 @@ def _train_loop(exp, state, data_iter, step_fn, ckpt, writer, bar, guard, start,
     log_every = max(1, tcfg.get("log_every", 50))
     check_every = max(1, tcfg.get("preemption_check_every", 10))
     stop = _StopWatch(tcfg.get("nonfinite", "skip") == "stop")
-    last, t0, n0 = {}, time.perf_counter(), start
+    last, t0, n0, waited = {}, time.perf_counter(), start, 0.0
+    speed = _Utilisation(exp, step_fn)
     for step in range(start + 1, num_steps + 1):
+        t_data = time.perf_counter()
         batch = to_global_batch(next(data_iter), exp.mesh)
+        waited += time.perf_counter() - t_data
         state, metrics = step_fn(state, batch)
         stop.add(step, metrics)
         final = step == num_steps or step == stop_at
@@ -257,11 +281,14 @@ def _train_loop(exp, state, data_iter, step_fn, ckpt, writer, bar, guard, start,
             dt = time.perf_counter() - t0
             last["steps_per_sec"] = (step - n0) / dt
             last["examples_per_sec"] = last["steps_per_sec"] * tcfg.batch_size
+            last.update(speed(state, batch, last["steps_per_sec"]),
+                        data_wait_fraction=min(1.0, waited / dt))
             writer.write(step, last, extra={f"data/{k}": v
                                             for k, v in data_issue_totals(data_iter).items()})
             if bar is not None:
-                bar.set_postfix(loss=f"{last['loss']:.4f}", ex_s=f"{last['examples_per_sec']:.0f}")
-            t0, n0 = time.perf_counter(), step
+                bar.set_postfix(loss=f"{last['loss']:.4f}", ex_s=f"{last['examples_per_sec']:.0f}",
+                                mfu=f"{last['mfu']:.1%}", data=f"{last['data_wait_fraction']:.0%}")
+            t0, n0, waited = time.perf_counter(), step, 0.0
         if bar is not None:
             bar.update(1)
         if final or ckpt.due(step):
@@ -271,7 +298,7 @@ def _train_loop(exp, state, data_iter, step_fn, ckpt, writer, bar, guard, start,
         if due:
             stop.check(state, step, data_iter, ckpt)
             writer.write(step, exp.evaluate(state.params, due), prefix="eval")
-            t0, n0 = time.perf_counter(), step      # evaluation time is not training speed
+            t0, n0, waited = time.perf_counter(), step, 0.0   # evaluation is not training speed
         if step == stop_at:
             break
         if step % check_every == 0 and not final and guard.requested():
