@@ -7,10 +7,12 @@ and loop, with the data read from disk (`vlp_jax.data.sources`).
 Arguments (`:a=1,b=2`):
   train=PATH     training annotations: COCO captions / Karpathy JSON (.json), CSV / TSV
                  (.csv, .tsv: columns filepath / title, `--config.data.csv_img_key=...`), or an
-                 image folder (a directory)
+                 image folder (a directory), or webdataset tar shards (.tar, or a brace
+                 pattern /data/cc3m/{00000..00331}.tar as img2dataset writes them; their
+                 .txt / .json captions; a stream with data.shuffle_buffer, default 1000)
   val=PATH       retrieval evaluation file, same format (default: the train file's 'val' split,
                  Karpathy layout)
-  format=NAME    coco_json, csv or image_folder instead of guessing from train's extension
+  format=NAME    coco_json, csv, image_folder or webdataset instead of guessing from train's extension
   root=DIR       folder the image paths are relative to (default: each annotation file's)
   zeroshot=DIR   an image folder (one sub-folder per class) for zero-shot classification
   res, steps, batch, smoke   as clip_shapes.py (res default 64; smoke: 32 px, 300 steps)
@@ -24,14 +26,17 @@ import ml_collections
 from vlp_jax.config_args import sibling
 
 common = sibling(__file__)
-FORMATS = {".json": "coco_json", ".csv": "csv", ".tsv": "csv"}
+FORMATS = {".json": "coco_json", ".csv": "csv", ".tsv": "csv", ".tar": "webdataset"}
 
 
 def guess_format(path: str) -> str:
     """The source name of a training path: a directory is an image folder, else by extension
-    (.json -> coco_json, .csv / .tsv -> csv); no path -> coco_json."""
+    (.json -> coco_json, .csv / .tsv -> csv, .tar -> webdataset); a brace pattern
+    ({00000..00099}) is webdataset shards; no path -> coco_json."""
     if not path:
         return "coco_json"
+    if "{" in path:
+        return "webdataset"
     if os.path.isdir(path):
         return "image_folder"
     ext = os.path.splitext(path)[1].lower()

@@ -66,3 +66,16 @@ declare("data", "csv", extends="shapes", **_FILE_SOURCE_FIELDS,
         csv_img_key=Field(str, "filepath", doc="column of image paths"),
         csv_caption_key=Field(str, "title", doc="column of captions"),
         csv_separator=Field(str, None, doc="None: tab for .tsv files, ',' otherwise"))
+
+# webdataset tar shards (vlp_jax/data/webdataset_source.py): a stream, not a listing.
+_WEBDATASET_FIELDS = dict(
+    {k: v for k, v in _FILE_SOURCE_FIELDS.items() if k != "image_root"},
+    train_path=Field(str, None, doc="training shards: a brace pattern /d/{00000..00099}.tar, "
+                                    "a comma-separated list, or one .tar"),
+    val_path=Field(str, None, doc="validation shards (same forms), read fully in order"),
+    test_path=Field(str, None, doc="test shards (same forms), read fully in order"),
+    shuffle_buffer=Field(int, 1000, doc="examples in the training stream's shuffle buffer"),
+    tokenizer_sample=Field(int, 100000, doc="training captions (the first ones of the shards) "
+                                            "the sentencepiece tokenizer is trained on"),
+)
+declare("data", "webdataset", extends="shapes", **_WEBDATASET_FIELDS)

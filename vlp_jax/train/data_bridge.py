@@ -3,9 +3,11 @@
 It builds the dataset if absent, loads its tokenizer, and hands out the train iterator,
 evaluation sets and a tokenize function; methods and evaluators never import dataset code.
 
-`data.name` chooses the data: 'shapes' (the procedural world, built as a TFDS dataset) or a
-source reading files (`vlp_jax.data.sources.SOURCES`: coco_json, csv, image_folder). For a
-file source, splits map to files: 'train' -> data.train_path, 'validation' / 'test' ->
+`data.name` chooses the data: 'shapes' (the procedural world, built as a TFDS dataset), a
+source reading files (`vlp_jax.data.sources.SOURCES`: coco_json, csv, image_folder) or
+'webdataset', tar shards streamed by `vlp_jax.data.webdataset_source` (train_path / val_path /
+test_path are shard patterns; its tokenizer is trained on the first data.tokenizer_sample
+captions of the training shards). For a file source, splits map to files: 'train' -> data.train_path, 'validation' / 'test' ->
 data.val_path / data.test_path (else the train file's split of that name, Karpathy layout),
 'zeroshot' -> data.zeroshot_path (an image folder). Its tokenizer is data.tokenizer_path, else
 the shapes world's (data.tokenizer='shapes'), else sentencepiece trained on the training
@@ -21,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from vlp_jax.config_schema import resolve_part
-from vlp_jax.data import photo, pipeline, shapes_builder, sources
+from vlp_jax.data import photo, pipeline, shapes_builder, sources, webdataset_source
 from vlp_jax.data.tokenizer import Tokenizer
 from vlp_jax.data.types import EvalSet
 
@@ -31,7 +33,7 @@ _EVAL_PATHS = {"validation": "val_path", "test": "test_path"}
 class DataBridge:
     def __init__(self, data_config: ml_collections.ConfigDict):
         name = data_config.get("name", "shapes")
-        valid = ["shapes"] + sorted(sources.SOURCES)
+        valid = ["shapes", "webdataset"] + sorted(sources.SOURCES)
         if name not in valid:
             raise ValueError(f"data.name {name!r} is unknown; valid: {valid}")
         self.name = name
@@ -43,8 +45,12 @@ class DataBridge:
         self.config = resolve_part("data", data_config)
         self.builder = None
         self.photos = photo.photo_transform(self.config)
-        self.train_listing = self._listing("train")
-        self.train_listing.require_usable()
+        if name == "webdataset":
+            self.train_listing = None
+            self.train_shards = webdataset_source.expand_shards(self.config.train_path)
+        else:
+            self.train_listing = self._listing("train")
+            self.train_listing.require_usable()
         self.tokenizer = self._file_tokenizer()
 
     def _listing(self, split: str) -> sources.Listing:
@@ -81,11 +87,20 @@ class DataBridge:
         if c.zeroshot_path:
             names = self._listing("zeroshot").class_names
             extra = [p for n in names for p in sources.class_prompts(n, c.prompt_templates)]
+        if self.name == "webdataset":
+            captions = webdataset_source.caption_sample(self.train_shards, c.tokenizer_sample)
+            if not captions:
+                raise sources.SourceError(f"{c.train_path}: no usable caption in the shards")
+            sentences = captions + extra
+        else:
+            sentences = sources.tokenizer_sentences(self.train_listing, extra)
         return sources.trained_tokenizer(
-            sources.tokenizer_sentences(self.train_listing, extra), c.vocab_size,
+            sentences, c.vocab_size,
             os.path.join(shapes_builder.data_dir(c), sources.TOKENIZER_DIR))
 
     def location(self) -> str:
+        if self.name == "webdataset":
+            return str(self.config.train_path)
         if self.builder is None:
             return str(self.train_listing.origin)
         return str(self.builder.data_dir)
@@ -115,12 +130,17 @@ class DataBridge:
         """The raw train records handed to the pipeline (a `__len__` / `__getitem__` object of
         dicts with image, captions, label); None means the dataset's own train split.
         Tests override it to inject bad records."""
-        if self.name == "shapes":
+        if self.name in ("shapes", "webdataset"):
             return None
         return sources.FileRecords(self.train_listing, self.name)
 
     def train_iterator(self, global_batch_size: int, seed: int) -> pipeline.TrainIterator:
         """This process's batches; `issue_totals()` counts the bad records it met."""
+        if self.name == "webdataset":
+            return webdataset_source.make_train_iterator(
+                self.config, global_batch_size=global_batch_size, seed=seed,
+                shards=self.train_shards, tokenizer=self.tokenizer, photos=self.photos,
+                process_index=jax.process_index(), process_count=jax.process_count())
         return pipeline.make_train_iterator(
             self.config, global_batch_size=global_batch_size, seed=seed,
             process_index=jax.process_index(), process_count=jax.process_count(),
@@ -134,6 +154,25 @@ class DataBridge:
         transform (shorter side resized, centre crop)."""
         if self.name == "shapes":
             return pipeline.load_eval_set(self.config, split, max_examples)
+        if self.name == "webdataset" and split != "zeroshot":
+            return self._webdataset_eval_set(split, max_examples)
         listing = self.train_listing if split == "train" else self._listing(split)
         return sources.load_eval_set(listing, self.photos, self.config.prompt_templates,
                                      max_examples)
+
+    def _webdataset_eval_set(self, split: str, max_examples: int | None) -> EvalSet:
+        """'train' (the training shards) or 'validation' / 'test' (data.val_path /
+        data.test_path shards), read in order."""
+        if split == "train":
+            shards = self.train_shards
+        elif split in _EVAL_PATHS:
+            pattern = self.config[_EVAL_PATHS[split]]
+            if not pattern:
+                raise sources.SourceError(f"split {split!r} of data.name='webdataset' needs "
+                                          f"data.{_EVAL_PATHS[split]} (a shard pattern)")
+            shards = webdataset_source.expand_shards(pattern)
+        else:
+            raise ValueError(f"split {split!r} is unknown; valid: "
+                             f"{['train', *_EVAL_PATHS, 'zeroshot']}")
+        return webdataset_source.load_eval_set(shards, self.photos, self.config.prompt_templates,
+                                               max_examples)
