@@ -208,6 +208,35 @@ def test_every_bad_sample_kind_is_counted_skipped_and_named(shards, tmp_path, ca
     assert f"{paths[0]}:latin1: caption .txt is not UTF-8" in logged
     assert f"{paths[0]}:garbage: undecodable image" in logged
     assert f"{paths[1]}:tail10: truncated or unreadable tar" in logged
+    for taken in (1, 2):                 # resuming past skipped samples and the cut-off shard
+        it = bridge.train_iterator(global_batch_size=7, seed=0)
+        for _ in range(taken):
+            next(it)
+        state = json.loads(json.dumps(it.get_state()))
+        resumed = bridge.train_iterator(global_batch_size=7, seed=0)
+        resumed.set_state(state)
+        for want, got in zip(batches[taken:], [next(resumed) for _ in range(6 - taken)]):
+            np.testing.assert_array_equal(got["image"], want["image"])
+            np.testing.assert_array_equal(got["text"], want["text"])
+        assert resumed.issue_totals() == totals
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def test_the_tokenizer_sample_is_the_first_captions_and_is_cached(shards, tmp_path,
+                                                                  monkeypatch):
+    paths = wds.expand_shards(shards["train"])
+    first = list(shards["captions"].values())[:25]            # shard then tar order
+    assert wds.caption_sample(paths, 25) == first
+    cache = str(tmp_path / "cache")
+    assert wds.cached_caption_sample(paths, 25, cache) == first
+    config = wds_config(train_path=shards["train"], tokenizer_sample=25, data_dir=str(tmp_path))
+    model = DataBridge(config).tokenizer.model_bytes
+    monkeypatch.setattr(wds, "caption_sample", lambda *a: pytest.fail("read the shards again"))
+    assert wds.cached_caption_sample(paths, 25, cache) == first
+    assert DataBridge(config).tokenizer.model_bytes == model
+    assert DataBridge(config).tokenizer.model_bytes != DataBridge(wds_config(
+        train_path=shards["train"], data_dir=shards["cache"])).tokenizer.model_bytes
 
 
 # ----------------------------------------------------------------------------- eval, experiment

@@ -33,6 +33,7 @@ the epoch continues. An epoch without any usable sample raises RuntimeError.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -380,6 +381,27 @@ def caption_sample(shards: Sequence[str], limit: int) -> list[str]:
             if len(out) >= limit:
                 return out[:limit]
     return out
+
+
+def cached_caption_sample(shards: Sequence[str], limit: int, cache_dir: str) -> list[str]:
+    """`caption_sample(shards, limit)`, cached as <cache_dir>/wds_captions_<sha256 of limit
+    and every shard's path, size and mtime>.json, so a restart does not read the shards again
+    (a rewritten shard changes the key)."""
+    digest = hashlib.sha256(f"{int(limit)}\n".encode())
+    for shard in shards:
+        st = os.stat(shard)
+        digest.update(f"{shard}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    path = os.path.join(cache_dir, f"wds_captions_{digest.hexdigest()[:20]}.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    captions = caption_sample(shards, limit)
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(captions, f)
+    os.replace(tmp, path)
+    return captions
 
 
 def load_eval_set(shards: Sequence[str], transform, prompt_templates: Sequence[str],

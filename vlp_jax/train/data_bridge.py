@@ -88,7 +88,9 @@ class DataBridge:
             names = self._listing("zeroshot").class_names
             extra = [p for n in names for p in sources.class_prompts(n, c.prompt_templates)]
         if self.name == "webdataset":
-            captions = webdataset_source.caption_sample(self.train_shards, c.tokenizer_sample)
+            captions = webdataset_source.cached_caption_sample(
+                self.train_shards, c.tokenizer_sample,
+                os.path.join(shapes_builder.data_dir(c), sources.TOKENIZER_DIR))
             if not captions:
                 raise sources.SourceError(f"{c.train_path}: no usable caption in the shards")
             sentences = captions + extra
