@@ -352,9 +352,9 @@ def test_sources_with_nothing_usable_or_malformed_files_fail_before_training(wor
 
 
 def test_data_name_selects_a_registered_source():
-    with pytest.raises(ConfigError, match=r"data.name 'webdataset' is unknown; valid: .*"
+    with pytest.raises(ConfigError, match=r"data.name 'parquet' is unknown; valid: .*"
                                           r"'coco_json', 'csv', 'image_folder', 'shapes'"):
-        resolve_part("data", dict(name="webdataset"))
+        resolve_part("data", dict(name="parquet"))
     with pytest.raises(ConfigError, match=r"csv_img_key"):
         resolve_part("data", dict(name="coco_json", csv_img_key="x"))
     with pytest.raises(ValueError, match="already registered"):
