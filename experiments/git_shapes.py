@@ -7,7 +7,8 @@ of one transformer decoder (image bidirectional, text causal), trained by captio
 Arguments: smoke, steps, batch, res (as clip_shapes); decode ('greedy', 'beam', 'sample').
 Evaluation: captions generated for the test images (BLEU-4, CIDEr, attribute accuracy against
 the scene) and zero-shot classification by the likelihood of each class prompt.
-Optimiser: AdamW with GIT's weight decay 0.01 (lr 1e-3 at this size; GIT: 1e-5 / 5e-5).
+Optimiser: AdamW with GIT's weight decay 0.01, lr 3e-3 at this size (GIT: 1e-5 / 5e-5 for a
+pretrained encoder).
 """
 import ml_collections
 
@@ -28,6 +29,8 @@ def get_config(arg=None):
         image=common.vit(res, width, depth),
     ))
     config.method = common.captioning_method(arg.decode)
-    config.optim.update(dict(weight_decay=0.01))
+    # lr 3e-3: at 1e-3 the smoke run (300 steps) learns the language before the image (GIT:
+    # main-object colour 22.7% of captions vs 75.8% at 3e-3; chance 12.5%)
+    config.optim.update(dict(lr=3e-3, weight_decay=0.01))
     config.evals = common.generative_evals(arg)
     return config

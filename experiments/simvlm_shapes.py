@@ -29,6 +29,8 @@ def get_config(arg=None):
     ))
     config.method = common.captioning_method(arg.decode)
     config.method.prefix_fraction = float(arg.prefix)
-    config.optim.update(dict(weight_decay=0.01))
+    # lr 3e-3: at 1e-3 the smoke run (300 steps) learns the language before the image (GIT:
+    # main-object colour 22.7% of captions vs 75.8% at 3e-3; chance 12.5%)
+    config.optim.update(dict(lr=3e-3, weight_decay=0.01))
     config.evals = common.generative_evals(arg)
     return config
