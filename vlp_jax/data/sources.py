@@ -41,7 +41,7 @@ import hashlib
 import json
 import logging
 import os
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -319,18 +319,20 @@ class FileRecords:
         return read_record(self.listing.entries[index])
 
 
-def load_eval_set(listing: Listing, transform: photo.PhotoTransform,
-                  prompt_templates: Sequence[str], max_examples: int | None = None) -> EvalSet:
-    """The first `max_examples` usable images of `listing` (default all), decoded and
-    preprocessed by `transform.eval`; bad ones are skipped with a warning (SourceError when
-    none is left). Labels are -1 where the source has no classes."""
+def eval_set_from_records(records: Iterable[tuple[dict, str, int]],
+                          transform: photo.PhotoTransform, prompt_templates: Sequence[str],
+                          max_examples: int | None, origin: str,
+                          class_names: Sequence[str] = ()) -> EvalSet:
+    """An EvalSet of the first `max_examples` usable records (default all) of a lazy stream of
+    (record, file path, label), each image preprocessed by `transform.eval`; bad records are
+    skipped with a warning naming the file (SourceError when none is left). Shared by the
+    listing sources and the webdataset stream."""
     if max_examples is not None and int(max_examples) < 1:
         raise ValueError(f"max_examples must be >= 1, got {max_examples}")
     images, captions, labels, skipped = [], [], [], {}
-    for entry in listing.entries:
+    for record, path, label in records:
         if max_examples is not None and len(images) >= int(max_examples):
             break
-        record = read_record(entry)
         try:
             if "issue" in record:
                 raise sanitize.BadExample(record["issue"], record["issue_kind"])
@@ -339,21 +341,29 @@ def load_eval_set(listing: Listing, transform: photo.PhotoTransform,
         except sanitize.BadExample as e:
             skipped[e.kind] = skipped.get(e.kind, 0) + 1
             if sum(skipped.values()) <= _MAX_EVAL_SKIP_LOGS:
-                logging.warning("skipping eval record of %s: %s", listing.origin,
-                                e if entry.path and entry.path in str(e)
-                                else f"{entry.path}: {e}")
+                logging.warning("skipping eval record of %s: %s", origin,
+                                e if path and path in str(e) else f"{path}: {e}")
             continue
         images.append(transform.eval(image))
         captions.append(caps)
-        labels.append(entry.label)
+        labels.append(label)
     if skipped:
-        logging.warning("%s: %d evaluation records skipped %s", listing.origin,
-                        sum(skipped.values()), skipped)
+        logging.warning("%s: %d evaluation records skipped %s", origin, sum(skipped.values()),
+                        skipped)
     if not images:
-        raise SourceError(f"{listing.origin}: no usable evaluation images (skipped: {skipped})")
+        raise SourceError(f"{origin}: no usable evaluation images (skipped: {skipped})")
     return EvalSet(images=np.stack(images).astype(np.float32), captions=captions,
-                   labels=np.asarray(labels, np.int32), class_names=list(listing.class_names),
+                   labels=np.asarray(labels, np.int32), class_names=list(class_names),
                    prompt_templates=list(prompt_templates))
+
+
+def load_eval_set(listing: Listing, transform: photo.PhotoTransform,
+                  prompt_templates: Sequence[str], max_examples: int | None = None) -> EvalSet:
+    """The first `max_examples` usable images of `listing` (default all), see
+    `eval_set_from_records`. Labels are -1 where the source has no classes."""
+    records = ((read_record(e), e.path, e.label) for e in listing.entries)
+    return eval_set_from_records(records, transform, prompt_templates, max_examples,
+                                 listing.origin, listing.class_names)
 
 
 # ----------------------------------------------------------------------------- tokenizer

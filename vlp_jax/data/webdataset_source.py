@@ -46,6 +46,7 @@ import numpy as np
 
 from vlp_jax.config_schema import resolve_part
 from vlp_jax.data import pipeline, sanitize
+from vlp_jax.data import sources
 from vlp_jax.data.sources import SourceError
 from vlp_jax.data.types import EvalSet
 
@@ -408,36 +409,11 @@ def load_eval_set(shards: Sequence[str], transform, prompt_templates: Sequence[s
                   max_examples: int | None = None) -> EvalSet:
     """The first `max_examples` usable samples (default all) of `shards` in order, decoded and
     preprocessed by `transform.eval` (a `photo.PhotoTransform`): images float32 [N, S, S, 3],
-    one caption each, labels -1. Bad samples are skipped with a warning (SourceError when none
-    is left)."""
-    if max_examples is not None and int(max_examples) < 1:
-        raise ValueError(f"max_examples must be >= 1, got {max_examples}")
-    images, captions, skipped = [], [], {}
-    for shard in shards:
-        if max_examples is not None and len(images) >= int(max_examples):
-            break
-        for _, key, parts, problem in shard_samples(shard):
-            if max_examples is not None and len(images) >= int(max_examples):
-                break
-            record = sample_record(shard, key, parts, problem)
-            try:
-                if "issue" in record:
-                    raise sanitize.BadExample(record["issue"], record["issue_kind"])
-                image, _ = transform.clean(record["image"])
-                caps, _ = sanitize.clean_captions(record["captions"])
-            except sanitize.BadExample as e:
-                skipped[e.kind] = skipped.get(e.kind, 0) + 1
-                if sum(skipped.values()) <= _MAX_EVAL_SKIP_LOGS:
-                    msg = str(e) if record["path"] in str(e) else f"{record['path']}: {e}"
-                    logging.warning("skipping eval sample: %s", msg)
-                continue
-            images.append(transform.eval(image))
-            captions.append(caps)
-    if skipped:
-        logging.warning("%s ...: %d evaluation samples skipped %s", shards[0],
-                        sum(skipped.values()), skipped)
-    if not images:
-        raise SourceError(f"{shards[0]} ...: no usable evaluation samples (skipped: {skipped})")
-    return EvalSet(images=np.stack(images).astype(np.float32), captions=captions,
-                   labels=np.full(len(images), -1, np.int32), class_names=[],
-                   prompt_templates=list(prompt_templates))
+    one caption each, labels -1 (`sources.eval_set_from_records`)."""
+    def records():
+        for shard in shards:
+            for _, key, parts, problem in shard_samples(shard):
+                record = sample_record(shard, key, parts, problem)
+                yield record, record["path"], -1
+    return sources.eval_set_from_records(records(), transform, prompt_templates, max_examples,
+                                         f"{shards[0]} ..." if shards else "webdataset")
