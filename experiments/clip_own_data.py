@@ -21,8 +21,6 @@ folder, so eval.json holds retrieval/i2t_r1 ... and zeroshot/top1 as the main jo
 """
 import os
 
-import ml_collections
-
 from vlp_jax.config_args import sibling
 
 common = sibling(__file__)
@@ -48,34 +46,13 @@ def guess_format(path: str) -> str:
 
 def get_config(arg=None):
     arg = common.parse(arg, train="", val="", format="", root="", zeroshot="")
-    config = ml_collections.ConfigDict()
-    config.seed = 0
-    data = dict(name=arg.format or guess_format(arg.train),
-                image_size=arg.res or (32 if arg.smoke else 64), text_length=32,
+    config = common.load("clip_shapes.py", arg)   # the main job's towers, method, optimiser
+    data = dict(name=arg.format or guess_format(arg.train), text_length=32,
                 vocab_size=256 if arg.smoke else 2048)
     paths = dict(train_path=arg.train, val_path=arg.val, image_root=arg.root,
                  zeroshot_path=arg.zeroshot)
     data.update({k: os.path.abspath(os.path.expanduser(v)) for k, v in paths.items() if v})
-    config.data = ml_collections.ConfigDict(data)
-    res = config.data.image_size
-    width = 64 if arg.smoke else 96
-    depth = 2 if arg.smoke else 3
-    config.model = ml_collections.ConfigDict(dict(
-        name="dual_encoder",
-        embed_dim=width,
-        logit_scale_init=2.6592600369262695,          # log(1 / 0.07), as CLIP
-        dtype="float32",
-        remat=False,
-        image=common.vit(res, width, depth),
-        text=common.text(width, depth, config.data.get_ref("text_length"), causal=True,
-                         pool="eot"),
-    ))
-    config.method = ml_collections.ConfigDict(dict(name="contrastive", loss="softmax",
-                                                   mask_ratio=0.0))
-    steps = common.steps(arg)
-    config.optim = common.adamw(steps)
-    config.train = common.train(arg, steps)
-    config.mesh = common.mesh()
+    config.data.update(data)          # in place: the text tower's context length follows it
     evals = dict(retrieval=common.evaluator("retrieval", split="validation"))
     if arg.zeroshot:
         evals["zeroshot"] = common.evaluator("zero_shot", split="zeroshot")
