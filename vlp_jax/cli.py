@@ -6,6 +6,10 @@
     vlp-jax build-data --config experiments/clip_shapes.py
     vlp-jax sweep --config experiments/ablation_flip_ratio.py[:smoke] --workdir workdirs/flip
     vlp-jax caption --config experiments/git_shapes.py --workdir workdirs/git --images a.png b.jpg
+    vlp-jax data build --from FORMAT SRC... --out DIR [--root DIR] [--vocab-size N] [--split NAME]
+    vlp-jax data show DIR [--out grid.png] [--n 16]
+
+`data build` / `data show` take no experiment file (see `vlp_jax.data.build` / `.show`).
 
 `--config path[:arg]` loads `get_config(arg)` from the file; any declared field can be
 overridden with `--config.a.b=value` (or `--config.a.b value`); the value is converted to the
@@ -171,11 +175,63 @@ def _run(args, overrides) -> None:
     print(json.dumps(result, indent=2, sort_keys=True))
 
 
+def _data_parser() -> _Parser:
+    p = _Parser(prog="vlp-jax data", allow_abbrev=False,
+                description="Convert a dataset to array_record, or look at a converted one.")
+    sub = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    b = sub.add_parser("build", help="write SRC... as array_record + manifest.json in DIR")
+    b.add_argument("--from", dest="fmt", required=True, metavar="FORMAT",
+                   help="coco_json | karpathy | csv | tsv | webdataset | image_folder")
+    b.add_argument("inputs", nargs="+", metavar="SRC")
+    b.add_argument("--out", required=True, metavar="DIR")
+    b.add_argument("--root", metavar="DIR", help="image root (default: the SRC file's folder)")
+    b.add_argument("--split", metavar="NAME", help="split to write (default train; a Karpathy "
+                   "file: train, validation and test)")
+    b.add_argument("--vocab-size", type=int, default=32000, metavar="N",
+                   help="sentencepiece vocabulary upper bound")
+    b.add_argument("--tokenizer", metavar="FILE", help="a sentencepiece .model to copy instead")
+    b.add_argument("--records-per-shard", type=int, default=10000, metavar="N")
+    b.add_argument("--csv-img-key", help="csv/tsv column of image paths (default filepath)")
+    b.add_argument("--csv-caption-key", help="csv/tsv column of captions (default title)")
+    b.add_argument("--csv-separator", help="csv separator (default ',', tab for tsv)")
+    s = sub.add_parser("show", help="print sizes / counts and write a PNG grid of samples")
+    s.add_argument("directory", metavar="DIR")
+    s.add_argument("--out", default="grid.png", metavar="PNG")
+    s.add_argument("--n", type=int, default=16, help="samples in the grid")
+    s.add_argument("--split", metavar="NAME", help="split to draw (default train)")
+    s.add_argument("--verify", action="store_true", help="check every file's sha256")
+    return p
+
+
+def _data(argv: list[str]) -> None:
+    """`vlp-jax data build|show ...` (argv after 'data'); a bad source is a UsageError."""
+    args = _data_parser().parse_args(argv)
+    from vlp_jax.data.sources import SourceError
+    try:
+        if args.action == "build":
+            from vlp_jax.data.build import build
+            csv_options = {"csv_img_key": args.csv_img_key,
+                           "csv_caption_key": args.csv_caption_key,
+                           "csv_separator": args.csv_separator}
+            build(args.fmt, args.inputs, args.out, root=args.root, split=args.split,
+                  vocab_size=args.vocab_size, tokenizer=args.tokenizer,
+                  records_per_shard=args.records_per_shard,
+                  csv_options={k: v for k, v in csv_options.items() if v is not None})
+        else:
+            from vlp_jax.data.show import show
+            show(args.directory, args.out, args.n, args.split, args.verify)
+    except (SourceError, ValueError, OSError) as e:
+        raise UsageError(_one_line(e)) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point; `argv` includes the program name (as sys.argv)."""
     argv = list(sys.argv if argv is None else argv)
-    command = argv[1] if len(argv) > 1 and argv[1] in COMMANDS else None
+    command = argv[1] if len(argv) > 1 and argv[1] in COMMANDS + ("data",) else None
     try:
+        if command == "data":
+            _data(argv[2:])
+            return
         args, overrides = parse_args(argv[1:])
         _run(args, overrides)
     except UsageError as e:
