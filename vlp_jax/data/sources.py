@@ -29,6 +29,11 @@ Problems are handled at two levels:
     (`vlp_jax.data.sanitize.ISSUE_KINDS`), like images that fail to decode at read time.
     A listing with no usable entry raises `SourceError` at start.
 
+Other values of `data.name` that are not listings: 'webdataset' (tar shards streamed,
+`webdataset_source`), 'array_record' (a directory `vlp-jax data build` wrote from any reader
+here or from shards, `array_record_source` / `build`) and 'tfds' (a prepared TFDS dataset,
+`tfds_source`).
+
 `FileRecords` is the random-access record source the train pipeline reads (images read from
 disk lazily, in `__getitem__`); `load_eval_set` decodes a split into an `EvalSet`;
 `source_tokenizer` trains (once, cached by content hash) or loads the tokenizer.
