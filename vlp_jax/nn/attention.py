@@ -3,10 +3,13 @@
 Implements Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k) + mask) V of Vaswani et al. (2017),
 eq. 1, with h heads projected from and back to the model width.
 
-The product goes through `jax.nn.dot_product_attention` (its `implementation`: None lets JAX
-choose, 'xla', or 'cudnn' for cuDNN flash attention on GPUs); only when the caller asks for the
-attention probabilities (`return_weights=True`: A-CLIP's token scores, alignment maps) is the
-explicit einsum + softmax path used, since the fused kernels never materialise them.
+The product goes through `jax.nn.dot_product_attention` (its `implementation`: 'xla', or 'cudnn'
+for cuDNN flash attention on GPUs; None lets JAX choose) except on a CPU backend with
+implementation None, where `heads_major_attention` computes the same function with heads-major
+batched matmuls (faster on XLA:CPU: `benchmarks/README.md`, "Train-step throughput"). When the
+caller asks for the attention probabilities (`return_weights=True`: A-CLIP's token scores,
+alignment maps) the explicit einsum + softmax path is used, since fused kernels never
+materialise them.
 
 Masks are bool, True = may attend, broadcastable to [B, h, Q, K]:
   make_attention_mask(q_valid, k_valid)   padding
@@ -62,13 +65,40 @@ def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax
     return jax.nn.softmax(logits, axis=-1)
 
 
+def heads_major_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                          mask: jax.Array | None) -> jax.Array:
+    """softmax(q k^T / sqrt(d) masked) v: q [B, Q, h, d], k, v [B, K, h, d] -> [B, Q, h, d].
+
+    The function of `jax.nn.dot_product_attention(implementation='xla')` (logits and softmax
+    in float32; masked logits filled with a large negative number, here the float32 minimum,
+    so a row whose keys are all masked gets uniform weights in both), laid out for XLA:CPU: q, k, v are moved to [B, h, L, d]
+    once and both products are plain batched matmuls over (B, h), instead of the generic
+    path's grouped-query [B, K_groups, ...] layout; q is scaled before the product (B Q h d
+    multiplies instead of B h Q K).
+    """
+    scale = jnp.asarray(1.0 / (q.shape[-1] ** 0.5), q.dtype)
+    qh = jnp.swapaxes(q * scale, 1, 2)
+    kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", qh, kh, preferred_element_type=jnp.float32)
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", weights, vh), 1, 2)
+
+
+def _use_heads_major(implementation: str | None) -> bool:
+    """implementation None on a CPU backend: `heads_major_attention` (see the module doc)."""
+    return implementation is None and jax.default_backend() == "cpu"
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention.
 
     Attributes:
       num_heads: number of heads h; the per-head dim is width // h.
       dtype: compute dtype (parameters stay float32).
-      implementation: `jax.nn.dot_product_attention`'s implementation (None, 'xla', 'cudnn').
+      implementation: `jax.nn.dot_product_attention`'s implementation (None, 'xla', 'cudnn');
+        None on a CPU backend selects `heads_major_attention` (same function, faster there).
       decode: incremental decoding (self-attention only). The keys and values of every step
         are kept in the 'cache' collection (`cached_key`, `cached_value` [B, max_decode_length,
         h, d], `cache_index` []); a call with Q new tokens writes them at cache_index, attends
@@ -146,6 +176,8 @@ class MultiHeadAttention(nn.Module):
         if return_weights:
             weights = attention_weights(q, k, mask)
             out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v)
+        elif _use_heads_major(self.implementation):
+            out = heads_major_attention(q, k, v, mask)
         else:
             out = jax.nn.dot_product_attention(q, k, v, mask=mask,
                                                implementation=self.implementation)
