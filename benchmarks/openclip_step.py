@@ -1,7 +1,9 @@
 """open_clip (PyTorch, CPU) train-step throughput for the config of `train_throughput.py`.
 
 Runs inside `benchmarks/.venv-openclip` (torch 2.14.1, torchvision 0.29.1, open_clip_torch),
-never in the JAX environment. Builds `open_clip.CLIP` from a custom vision/text config, trains
+never in the JAX environment. Builds `open_clip.CLIP` from a custom vision/text config with
+vlp_jax's activation and normalisation (`match_vlp_jax`: tanh-approximate GELU, as flax's
+`nn.gelu`, and LayerNorm epsilon 1e-6; open_clip's defaults are exact-erf GELU and 1e-5), trains
 with AdamW + `ClipLoss` (+ global-norm clipping, as vlp_jax's optimizer) on one random batch,
 and prints one JSON line: samples/s, step time, parameter count, matmul FLOPs per step
 (torch's FlopCounterMode: 2 M N K per matmul, forward + backward) and this process's measured
@@ -50,6 +52,21 @@ def build(args) -> open_clip.CLIP:
                        width=args.text_width, heads=args.text_heads, layers=args.text_layers,
                        mlp_ratio=4.0)
     return open_clip.CLIP(embed_dim=args.embed_dim, vision_cfg=vision, text_cfg=text)
+
+
+def match_vlp_jax(model: torch.nn.Module) -> torch.nn.Module:
+    """Makes `model` compute vlp_jax's function: every GELU the tanh approximation
+    (vlp_jax's MLP uses flax `nn.gelu`, approximate=True) and every LayerNorm eps 1e-6
+    (vlp_jax's `layer_norm`). Raises if the model has no GELU (a change in open_clip)."""
+    gelus = [m for m in model.modules() if isinstance(m, torch.nn.GELU)]
+    if not gelus:
+        raise RuntimeError("open_clip model has no torch.nn.GELU to match vlp_jax's tanh GELU")
+    for m in gelus:
+        m.approximate = "tanh"
+    for m in model.modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            m.eps = 1e-6
+    return model
 
 
 def random_batch(args, gen: torch.Generator):
@@ -103,7 +120,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = build(args).train()
+    model = match_vlp_jax(build(args)).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98), eps=1e-6,
                                   weight_decay=0.1)
     images, text = random_batch(args, torch.Generator().manual_seed(0))

@@ -10,8 +10,15 @@
       `benchmarks/openclip_step.py` inside `benchmarks/.venv-openclip` (created on first use:
       torch 2.14.1 + torchvision 0.29.1 + open_clip_torch, ~5.6 GB, several minutes).
 
+Two model configs (`--config`, default both): `bench` (ViT 32 px / patch 4, width 128, depth 4
+per tower, text context 16, batch 64) and `main`, shaped like the main job
+(experiments/clip_shapes.py: 64 px / patch 8, width 96, depth 3, 4 heads, text context 28,
+vocab 256, embed 96, batch 128). A size flag overrides the preset of every config run.
+For each config with `--with-open-clip` the line `vlp_jax / open_clip samples/s: R` is printed.
+
     python benchmarks/train_throughput.py                  # vlp_jax only
     python benchmarks/train_throughput.py --with-open-clip # both, and their ratio
+    python benchmarks/train_throughput.py --with-open-clip --config main
 """
 from __future__ import annotations
 
@@ -26,22 +33,50 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 VENV = os.path.join(HERE, ".venv-openclip")
 OPENCLIP_PACKAGES = ("torch==2.14.1", "torchvision==0.29.1", "open_clip_torch")
-# Flags shared by this script and openclip_step.py (name, default).
+# Flags shared by this script and openclip_step.py (name, default = the `bench` config).
 MODEL_FLAGS = (("image-size", 32), ("patch-size", 4), ("width", 128), ("layers", 4),
                ("heads", 4), ("text-width", 128), ("text-layers", 4), ("text-heads", 4),
                ("context", 16), ("vocab", 1024), ("embed-dim", 128), ("batch", 64))
+# The model configs: `bench` (MODEL_FLAGS' defaults) and `main`, the main job's shapes
+# (experiments/clip_shapes.py with its shapes data: 64 px, 8 x 8 patches, text_length 28).
+CONFIGS = {
+    "bench": dict(MODEL_FLAGS),
+    "main": dict(MODEL_FLAGS, **{"image-size": 64, "patch-size": 8, "width": 96, "layers": 3,
+                                 "text-width": 96, "text-layers": 3, "context": 28,
+                                 "vocab": 256, "embed-dim": 96, "batch": 128}),
+}
+
+
+def _attr(name: str) -> str:
+    return name.replace("-", "_")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", choices=(*CONFIGS, "both"), default="both",
+                   help="model config(s) to run (default: both)")
     for name, default in MODEL_FLAGS:
-        p.add_argument(f"--{name}", type=int, default=default)
+        p.add_argument(f"--{name}", type=int, default=None,
+                       help=f"override the config's value (bench: {default}, "
+                            f"main: {CONFIGS['main'][name]})")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (best and median reported)")
     p.add_argument("--with-open-clip", action="store_true",
                    help=f"also run open_clip in {VENV} (created if absent)")
     return p.parse_args(argv)
+
+
+def config_args(args, name: str) -> argparse.Namespace:
+    """`args` with the sizes of config `name` filled in where no size flag was given."""
+    if name not in CONFIGS:
+        raise ValueError(f"unknown benchmark config {name!r}; valid: {sorted(CONFIGS)}")
+    out = argparse.Namespace(**vars(args))
+    out.config = name
+    for flag, value in CONFIGS[name].items():
+        if getattr(args, _attr(flag)) is None:
+            setattr(out, _attr(flag), value)
+    return out
 
 
 def clip_config(args):
@@ -149,7 +184,7 @@ def ensure_openclip_venv() -> str:
 
 def bench_openclip(args) -> dict:
     python = ensure_openclip_venv()
-    flags = [f"--{name}={getattr(args, name.replace('-', '_'))}" for name, _ in MODEL_FLAGS]
+    flags = [f"--{name}={getattr(args, _attr(name))}" for name, _ in MODEL_FLAGS]
     flags += [f"--warmup={args.warmup}", f"--steps={args.steps}", f"--repeats={args.repeats}"]
     out = subprocess.run([python, os.path.join(HERE, "openclip_step.py"), *flags],
                          capture_output=True, text=True, timeout=1800)
@@ -181,26 +216,35 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    sys.path.insert(0, os.path.dirname(HERE))
+def run_config(args) -> None:
+    """Benchmarks one config (vlp_jax, then open_clip if asked) and prints its table and ratio."""
     results = [bench_vlp_jax(args)]
-    print(json.dumps(results[0]), file=sys.stderr, flush=True)
+    print(json.dumps(dict(results[0], config=args.config)), file=sys.stderr, flush=True)
     if args.with_open_clip:
         results.append(bench_openclip(args))
-        print(json.dumps(results[1]), file=sys.stderr, flush=True)
-    print(f"\nCLIP train step, batch {args.batch}: ViT {args.image_size}px/{args.patch_size} "
-          f"width {args.width} depth {args.layers}; text width {args.text_width} depth "
-          f"{args.text_layers} context {args.context} vocab {args.vocab}; embed {args.embed_dim}; "
-          f"AdamW; 1 CPU device, float32\n")
+        print(json.dumps(dict(results[1], config=args.config)), file=sys.stderr, flush=True)
+    print(f"\nconfig {args.config}: CLIP train step, batch {args.batch}: ViT "
+          f"{args.image_size}px/{args.patch_size} width {args.width} depth {args.layers} heads "
+          f"{args.heads}; text width {args.text_width} depth {args.text_layers} context "
+          f"{args.context} vocab {args.vocab}; embed {args.embed_dim}; AdamW; 1 CPU device, "
+          f"float32\n")
     print(table(results))
     if len(results) == 2:
         jx, pt = results
         print(f"\nvlp_jax / open_clip samples/s: {best_step_s(pt) / best_step_s(jx):.2f} (best), "
-              f"{jx['samples_per_sec'] / pt['samples_per_sec']:.2f} (median)")
+              f"{jx['samples_per_sec'] / pt['samples_per_sec']:.2f} (median)", flush=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    sys.path.insert(0, os.path.dirname(HERE))
+    for name in (CONFIGS if args.config == "both" else (args.config,)):
+        run_config(config_args(args, name))
     print("\nGFLOP/step: vlp_jax from XLA cost_analysis (all ops, fwd+bwd+optimizer); open_clip "
-          "from torch FlopCounterMode (matmuls and attention only).")
+          "from torch FlopCounterMode (matmuls and attention only). open_clip's GELU and "
+          "LayerNorm epsilon are set to vlp_jax's (tanh GELU, eps 1e-6): both compute the same "
+          "function.")
 
 
 if __name__ == "__main__":
