@@ -289,7 +289,7 @@ def test_vlt5_examples_prefixes_and_targets():
     for s, scene in enumerate(SCENES[:100]):
         examples = st.vlt5_examples(scene, _rng(7, s))
         assert [text.split(" ")[0] for text, _ in examples] == ["caption:", "vqa:", "ground:",
-                                                                 "snli-ve:"]
+                                                                 "entail:"]
         (cap_in, caption), (vqa_in, answer), (ground_in, region), (ve_in, label) = examples
         assert cap_in == "caption:"
         assert all(o["colour"] in caption and o["shape"] in caption for o in scene["objects"])
@@ -298,7 +298,7 @@ def test_vlt5_examples_prefixes_and_targets():
         (index,) = _find(scene, size=m[1], colour=m[2], shape=m[3])
         obj = scene["objects"][index]
         assert region == GRID[min(int(obj["y"] * 3), 2)][min(int(obj["x"] * 3), 2)]
-        truth = _hypothesis_truth(scene, ve_in[len("snli-ve: "):])
+        truth = _hypothesis_truth(scene, ve_in[len("entail: "):])
         assert {"entailment": True, "contradiction": False, "neutral": None}[label] is truth
 
 

@@ -23,6 +23,10 @@ declare(
                                     "(fine control: augment_*)"),
     two_views=Field(bool, False, doc="a second augmented view as batch['image2']"),
     all_captions=Field(bool, False, doc="ship every caption as batch['captions']"),
+    text_tasks=Field(str, "captions", choices=("captions", "vlt5"),
+                     doc="'captions': batch['text'] is a caption; 'vlt5': one VL-T5 task per "
+                         "example (shapes_tasks.vlt5_examples), input batch['prompt'], target "
+                         "batch['text'] (needs records with a scene)"),
     num_caption_candidates=Field(int, 0, doc="K of batch['captions']; 0: captions_per_image, "
                                                 "doubled when rewrites are given"),
     rewrites_path=Field(str, None, doc="JSON-lines caption rewrites (LaCLIP)"),

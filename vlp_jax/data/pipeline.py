@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 
 from vlp_jax.config_schema import resolve_part
-from vlp_jax.data import preprocess, rewrites, sanitize, shapes_builder, shapes_world
+from vlp_jax.data import preprocess, rewrites, sanitize, shapes_builder, shapes_tasks, shapes_world
 from vlp_jax.data.tokenizer import Tokenizer
 from vlp_jax.data.types import EvalSet
 
@@ -111,6 +111,7 @@ class _TrainTransform:
         self.two_views = bool(data_config.two_views)
         self.all_captions = bool(data_config.all_captions)
         self.num_candidates = num_caption_candidates(data_config)
+        self.vlt5 = data_config.text_tasks == "vlt5"
 
     def _view(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         if self.photos is not None:
@@ -148,6 +149,19 @@ class _TrainTransform:
             kinds.append("dropped_empty_caption")
         return image, captions, label, kinds
 
+    def _vlt5_task(self, example: dict, rng: np.random.Generator, emitted: list[str]) -> dict:
+        """data.text_tasks='vlt5': one (input, target) of `shapes_tasks.vlt5_examples` on the
+        record's scene, drawn uniformly with the example's generator -> prompt int32 [L] (the
+        task input with its prefix), text int32 [L] (the target). Both join `emitted`."""
+        if "scene" not in example:
+            raise ValueError("data.text_tasks='vlt5' needs records with a 'scene' (the shapes "
+                             "world's)")
+        tasks = shapes_tasks.vlt5_examples(json.loads(_as_str(example["scene"])), rng)
+        prompt, target = tasks[int(rng.integers(len(tasks)))]
+        emitted += [prompt, target]
+        prompt_ids, target_ids = self.tokenizer.encode([prompt, target], self.length)
+        return {"prompt": prompt_ids, "text": target_ids}
+
     def __call__(self, example: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
         try:
             image, captions, label, kinds = self._clean(example)
@@ -159,6 +173,8 @@ class _TrainTransform:
         out = {"image": self._view(image, rng),
                "text": self.tokenizer.encode([pick], self.length)[0],
                "label": np.int32(label)}
+        if self.vlt5:
+            out.update(self._vlt5_task(example, rng, emitted))
         if self.two_views:
             out["image2"] = self._view(image, rng)
         if self.all_captions:

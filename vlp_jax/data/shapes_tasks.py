@@ -71,9 +71,10 @@ bottom thirds; "top left", "top", ..., "centre", ..., "bottom right") and its bo
 VL-T5 (Cho et al. 2021, "Unifying Vision-and-Language Tasks via Text Generation") casts every
 task as text to text with a task prefix on the input: `vlt5_examples` gives one
 (input, target) pair per single-image task: ("caption:", caption), ("vqa: <question>", answer),
-("ground: <the phrase>", region), ("snli-ve: <hypothesis>", label). VL-T5's grounding target is
-a region token; here it is the grid cell's name. NLVR2 needs an image pair, so it is not among
-them: its text form is the statement and the target 'true' / 'false'.
+("ground: <the phrase>", region), ("entail: <hypothesis>", label). VL-T5's grounding target is
+a region token; here it is the grid cell's name. SNLI-VE's prefix is 'entail:' (no '-': the
+shapes tokenizer, trained on captions, has no piece for it and reads it as unk). NLVR2 needs an
+image pair, so it is not among them: its text form is the statement and the target 'true' / 'false'.
 """
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ SNLI_VE_LABELS = ("entailment", "neutral", "contradiction")
 REGIONS = (("top left", "top", "top right"),
            ("left", "centre", "right"),
            ("bottom left", "bottom", "bottom right"))
-VLT5_PREFIXES = ("caption:", "vqa:", "ground:", "snli-ve:")
+VLT5_PREFIXES = ("caption:", "vqa:", "ground:", "entail:")
 
 _NEUTRAL_FIXED = ("the shapes were drawn by a child.", "the picture was taken at night.",
                   "the image was made on a sunday.", "the shapes were painted by hand.",
@@ -359,7 +360,7 @@ def vlt5_examples(scene: dict, rng: np.random.Generator) -> list[tuple[str, str]
     """[(input text with its task prefix, target text)], one per task in VLT5_PREFIXES order.
 
     caption: a caption drawn by `describe`; vqa: one `vqa_questions` question and its answer;
-    ground: a `grounding_target` phrase and its region; snli-ve: a hypothesis and its label.
+    ground: a `grounding_target` phrase and its region; entail: a hypothesis and its label.
     """
     caption = describe(scene, rng)
     qa = vqa_questions(scene, rng, num=1)[0]

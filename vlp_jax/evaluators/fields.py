@@ -26,3 +26,6 @@ declare("evaluator", "captioning",
         log_examples=Field(int, 4, doc="generated captions written to the log"))
 declare("evaluator", "likelihood_zero_shot",
         template=Field(int, 0, doc="index of the prompt template scored"))
+declare("evaluator", "text_tasks",
+        seed=Field(int, 0, doc="seed of the generator drawing the task inputs"),
+        questions_per_scene=Field(int, 2, doc="VQA questions asked per scene"))

@@ -42,6 +42,7 @@ from vlp_jax.evaluators.itm_rerank import evaluate_itm_rerank
 from vlp_jax.evaluators.protocol import (EvaluatorFn, LoadEvalSetFn, PredictFns, TokenizeFn,
                                          require)
 from vlp_jax.evaluators.retrieval import retrieval_metrics
+from vlp_jax.evaluators.text_tasks import evaluate_text_tasks
 from vlp_jax.evaluators.zero_shot import class_embeddings, zero_shot_accuracy
 
 _log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ EVALUATORS: dict[str, EvaluatorFn] = {
     "compositional": evaluate_compositional_config,
     "captioning": evaluate_captioning,
     "likelihood_zero_shot": evaluate_likelihood_zero_shot,
+    "text_tasks": evaluate_text_tasks,
 }
 
 

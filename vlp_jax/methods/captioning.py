@@ -9,26 +9,34 @@ draw of prefix lengths in its prepare_batch) and, for CoCa, the contrastive obje
 dual encoders (gathered over the devices). Weights and schedules come from `method.objectives`.
 
 Predict functions: `generate(params, images) -> tokens` (cached decoding, `method.decoding`),
+with a model whose prefill reads a prompt (the encoder-decoder) `generate_prompted(params,
+images, prompts) -> tokens` (VL-T5: the batch's `prompt` is the encoder's task input),
 `score_pairs(params, images, tokens) -> mean log-likelihood` (zero-shot by likelihood,
 re-ranking, compositional swaps) and, with a contrastive head, `encode_image` / `encode_text`.
 """
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 from vlp_jax.methods.base import Method, model_predict_fn
 from vlp_jax.methods.contrastive import clamp_logit_scale
 from vlp_jax.methods.registry import register_method
-from vlp_jax.models.generation import generate_fn, score_fn
+from vlp_jax.models.generation import generate_fn, prompted_generate_fn, score_fn
 from vlp_jax.objectives.captioning import CaptionObjective
 from vlp_jax.objectives.contrastive import ContrastiveObjective
 from vlp_jax.objectives.core import Combiner, Term, override_terms
 
-MODEL_INPUTS = ("prefix_len",)     # batch keys passed to the model when present
+MODEL_INPUTS = ("prefix_len", "prompt")   # batch keys passed to the model when present
 
 
 def has_contrastive_head(model) -> bool:
     return hasattr(model, "encode_image") and hasattr(model, "encode_text")
+
+
+def takes_prompt(model) -> bool:
+    """True where the model's prefill reads a task prompt (the encoder-decoder: VL-T5)."""
+    return "prompt" in inspect.signature(model.prefill).parameters
 
 
 @register_method("captioning")
@@ -65,6 +73,9 @@ class CaptioningMethod(Method):
     def predict_fns(self):
         fns = {"generate": generate_fn(self.model, self.vocab, **self.decoding()),
                "score_pairs": score_fn(self.model)}
+        if takes_prompt(self.model):
+            fns["generate_prompted"] = prompted_generate_fn(self.model, self.vocab,
+                                                            **self.decoding())
         if has_contrastive_head(self.model):
             fns.update({name: model_predict_fn(self.model, name)
                         for name in ("encode_image", "encode_text")})

@@ -18,6 +18,10 @@ the image and stayed at chance on colour (11.7% after 600 steps, chance 12.5%); 
 still in the encoder, and p = 0 (generation) is unchanged. `split_prefix` gives SimVLM's
 suffix layout. (2) SimVLM's image input is a ResNet stem's patches; here a ViT's tokens (its
 own layers count as extra encoder depth).
+
+VL-T5 (Cho et al. 2021) is the same network with the split given as text: a task input
+`prompt` ("vqa: <question>") in the encoder with the image, and the whole target text (the
+answer) predicted by the decoder, L = - sum_t log P(y_t | v, prompt, y_<t).
 """
 from __future__ import annotations
 
@@ -57,7 +61,9 @@ class EncoderDecoder(nn.Module):
     Attributes: image_tower (ViT); vocab_size, width, encoder_depth, decoder_depth, num_heads,
     mlp_dim, context_length, pad_id, bos_id; stack options; decode.
     Call: images [B, S, S, 3], tokens int [B, L], prefix_len int [B] (None: 0, captioning) ->
-    dict(lm_logits [B, L-1, V], lm_targets, lm_weights) over the suffix.
+    dict(lm_logits [B, L-1, V], lm_targets, lm_weights) over the suffix; or, with prompt int
+    [B, Lp] (VL-T5), the encoder reads [image; prompt] and every token of `tokens` after bos
+    is a target (no prefix split).
     """
 
     image_tower: nn.Module
@@ -112,26 +118,33 @@ class EncoderDecoder(nn.Module):
                          deterministic=self.deterministic)
         return self.lm_head(y, self.token_embed.embedding)
 
-    def __call__(self, images, tokens, prefix_len=None):
+    def __call__(self, images, tokens, prefix_len=None, prompt=None):
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [B, L], got shape {tokens.shape}")
-        if prefix_len is None:
-            prefix_len = jnp.zeros(tokens.shape[:1], jnp.int32)
-        prefix, _ = split_prefix(tokens, prefix_len, self.pad_id)
-        memory, memory_valid = self.encode(images, prefix)
+        if prompt is not None and prefix_len is not None:
+            raise ValueError("give a prompt or a prefix_len, not both")
+        if prompt is None:
+            if prefix_len is None:
+                prefix_len = jnp.zeros(tokens.shape[:1], jnp.int32)
+            prompt, _ = split_prefix(tokens, prefix_len, self.pad_id)
+        memory, memory_valid = self.encode(images, prompt)
         valid = tokens != self.pad_id
         mask = causal_mask(tokens.shape[1]) & valid[:, None, None, :]
         out = shifted_lm_outputs(self._decode(tokens, memory, memory_valid, mask), tokens,
                                  self.pad_id)
+        if prefix_len is None:               # a prompt: every target token is predicted
+            return out
         # targets w_{t+1} with t + 1 > p only: the prefix is given, not predicted
         target_pos = jnp.arange(1, tokens.shape[1])[None, :]
         in_suffix = target_pos > jnp.asarray(prefix_len, jnp.int32)[:, None]
         return dict(out, lm_weights=out["lm_weights"] * in_suffix.astype(jnp.float32))
 
-    def prefill(self, images):
-        """(decode=True) the memory of the image with an empty prefix (`bos`)."""
-        bos = jnp.full((images.shape[0], 1), self.bos_id, jnp.int32)
-        memory, valid = self.encode(images, bos)
+    def prefill(self, images, prompt=None):
+        """(decode=True) the memory of the image with the prompt [B, Lp] (VL-T5's task input),
+        or with an empty prefix (`bos`) without one."""
+        if prompt is None:
+            prompt = jnp.full((images.shape[0], 1), self.bos_id, jnp.int32)
+        memory, valid = self.encode(images, prompt)
         return {"memory": memory, "memory_valid": valid}
 
     def step(self, context, tokens):

@@ -8,7 +8,7 @@ A generative model is a Flax module with a `decode` attribute and
                                           lm_weights float32 [B, Ld], ...)
         teacher forcing: lm_logits[:, t] predicts lm_targets[:, t]; lm_weights marks the
         positions that count (real tokens of the caption's predicted part);
-    prefill(images) -> context pytree of [B, ...] arrays
+    prefill(images[, prompt]) -> context pytree of [B, ...] arrays
         (decode=True clone) everything computed once per image: it may write the image
         tokens into the self-attention cache (GIT) or return the cross-attention memory
         (encoder-decoder, CoCa);
@@ -16,8 +16,9 @@ A generative model is a Flax module with a `decode` attribute and
         (decode=True clone) one decoding step: feeds the next token (bos first).
 
 `generate_fn` binds those to `vlp_jax.nn.decoding` (greedy / sampling / beam search in one
-jitted loop over the key/value cache); `score_fn` is the mean log-likelihood of a caption, the
-`score_pairs` of the evaluators (zero-shot by likelihood, re-ranking, compositional swaps).
+jitted loop over the key/value cache), `prompted_generate_fn` likewise with a task prompt
+read by the prefill (VL-T5, encoder-decoder); `score_fn` is the mean log-likelihood of a
+caption, the `score_pairs` of the evaluators (zero-shot by likelihood, re-ranking, compositional swaps).
 """
 from __future__ import annotations
 
@@ -66,24 +67,25 @@ def never_generated(logits: jax.Array, vocab: dict) -> jax.Array:
     return logits.at[..., ids].set(-jnp.inf)
 
 
-def _cache_shapes(dec: nn.Module, images, bos) -> Any:
+def _cache_shapes(dec: nn.Module, images, bos, inputs: dict) -> Any:
     """The Flax 'cache' collection's shapes for this batch (prefill + one step, abstractly)."""
     def both(m, x, t):
-        return m.step(m.prefill(x), t)
+        return m.step(m.prefill(x, **inputs), t)
     shapes = jax.eval_shape(lambda: dec.init(jax.random.key(0), images, bos, method=both))
     return shapes["cache"]
 
 
-def decoding_state(model: nn.Module, params, images, bos, vocab: dict
+def decoding_state(model: nn.Module, params, images, bos, vocab: dict, **inputs
                    ) -> tuple[dict, Callable]:
     """(state, step) for `vlp_jax.nn.decoding`: state = {'cache': Flax cache after the prefill,
     'context': the prefill's per-row context}; step(state, tokens [N, 1]) -> (logits [N, V]
-    float32 with pad / bos excluded, state)."""
+    float32 with pad / bos excluded, state). `inputs` go to the prefill (e.g. prompt [N, Lp]
+    of a prompted encoder-decoder)."""
     dec = model.clone(decode=True)
     cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                         _cache_shapes(dec, images, bos[:, None]))
-    context, mut = dec.apply({"params": params, "cache": cache}, images, method="prefill",
-                             mutable=["cache"])
+                         _cache_shapes(dec, images, bos[:, None], inputs))
+    context, mut = dec.apply({"params": params, "cache": cache}, images, **inputs,
+                             method="prefill", mutable=["cache"])
 
     def step(state, tokens):
         logits, mut = dec.apply({"params": params, "cache": state["cache"]}, state["context"],
@@ -93,23 +95,19 @@ def decoding_state(model: nn.Module, params, images, bos, vocab: dict
     return {"cache": mut["cache"], "context": context}, step
 
 
-def generate_fn(model: nn.Module, vocab: dict, max_length: int, mode: str = "greedy",
-                beam_size: int = 4, length_penalty: float = 0.6, temperature: float = 1.0,
-                top_k: int = 0, seed: int = 0) -> Callable[..., jax.Array]:
-    """generate(params, images [B, S, S, 3]) -> int32 [B, max_length] rows `bos .. eos pad`.
-
-    mode: 'greedy', 'beam' (beam_size, length_penalty) or 'sample' (temperature, top_k; a
-    fixed key from `seed`, so evaluation is repeatable). The cache of scanned stacks has a
-    leading layers axis (`decoding.scanned_batch_axis`).
-    """
+def _decoder(model: nn.Module, vocab: dict, max_length: int, mode: str, beam_size: int,
+             length_penalty: float, temperature: float, top_k: int, seed: int
+             ) -> Callable[..., jax.Array]:
+    """decode(params, images [B, S, S, 3], **prefill inputs) -> int32 [B, max_length]: the
+    decoding loop of `mode` from bos over the state `decoding_state` prefills."""
     if mode not in DECODE_MODES:
         raise ValueError(f"decoding mode must be one of {DECODE_MODES}, got {mode!r}")
     bos_id, eos_id, pad_id = vocab["bos_id"], vocab["eos_id"], vocab["pad_id"]
     axis = decoding.scanned_batch_axis
 
-    def generate(params, images):
+    def decode(params, images, **inputs):
         bos = jnp.full((images.shape[0],), bos_id, jnp.int32)
-        state, step = decoding_state(model, params, images, bos, vocab)
+        state, step = decoding_state(model, params, images, bos, vocab, **inputs)
         if mode == "greedy":
             return decoding.greedy_decode(step, state, bos, max_length=max_length,
                                           eos_id=eos_id, pad_id=pad_id)
@@ -121,7 +119,39 @@ def generate_fn(model: nn.Module, vocab: dict, max_length: int, mode: str = "gre
                                          max_length=max_length, eos_id=eos_id, pad_id=pad_id,
                                          length_penalty=length_penalty, batch_axis=axis)
         return tokens
+    return decode
+
+
+def generate_fn(model: nn.Module, vocab: dict, max_length: int, mode: str = "greedy",
+                beam_size: int = 4, length_penalty: float = 0.6, temperature: float = 1.0,
+                top_k: int = 0, seed: int = 0) -> Callable[..., jax.Array]:
+    """generate(params, images [B, S, S, 3]) -> int32 [B, max_length] rows `bos .. eos pad`.
+
+    mode: 'greedy', 'beam' (beam_size, length_penalty) or 'sample' (temperature, top_k; a
+    fixed key from `seed`, so evaluation is repeatable). The cache of scanned stacks has a
+    leading layers axis (`decoding.scanned_batch_axis`).
+    """
+    decode = _decoder(model, vocab, max_length, mode, beam_size, length_penalty, temperature,
+                      top_k, seed)
+
+    def generate(params, images):
+        return decode(params, images)
     return generate
+
+
+def prompted_generate_fn(model: nn.Module, vocab: dict, max_length: int, mode: str = "greedy",
+                         beam_size: int = 4, length_penalty: float = 0.6,
+                         temperature: float = 1.0, top_k: int = 0, seed: int = 0
+                         ) -> Callable[..., jax.Array]:
+    """generate_prompted(params, images [B, S, S, 3], prompts int [B, Lp]) -> int32
+    [B, max_length]: VL-T5's text-to-text answer to each task input (the model's prefill
+    reads the prompt with the image; decoding as `generate_fn`)."""
+    decode = _decoder(model, vocab, max_length, mode, beam_size, length_penalty, temperature,
+                      top_k, seed)
+
+    def generate_prompted(params, images, prompts):
+        return decode(params, images, prompt=jnp.asarray(prompts, jnp.int32))
+    return generate_prompted
 
 
 def uncached_generate_fn(model: nn.Module, vocab: dict, max_length: int

@@ -123,10 +123,13 @@ class DataBridge:
     def example_shapes(self) -> dict:
         """Abstract batch-1 shapes of a train batch, {key: ShapeDtypeStruct}: initialisation
         traces these (never a global-size array): image float32 [1, S, S, 3], text int32
-        [1, L]."""
+        [1, L]; with data.text_tasks='vlt5' also prompt int32 [1, L] (the task input)."""
         s, L = self.config.image_size, self.config.text_length
-        return dict(image=jax.ShapeDtypeStruct((1, s, s, 3), np.float32),
-                    text=jax.ShapeDtypeStruct((1, L), np.int32))
+        shapes = dict(image=jax.ShapeDtypeStruct((1, s, s, 3), np.float32),
+                      text=jax.ShapeDtypeStruct((1, L), np.int32))
+        if self.config.get("text_tasks", "captions") == "vlt5":
+            shapes["prompt"] = jax.ShapeDtypeStruct((1, L), np.int32)
+        return shapes
 
     def train_source(self):
         """The raw train records handed to the pipeline (a `__len__` / `__getitem__` object of
