@@ -4,17 +4,22 @@ The all-gather losses in `contrastive.py` materialise n x G logits per device (n
 G global batch), and their backward pass holds the gathered [G, D] embeddings and cotangents.
 These equal them in value and gradient with a peak that does not grow with G at fixed n:
 
-* `chunked_softmax_contrastive_loss`: CLIP's InfoNCE as a ring. Both towers' local blocks
-  [n, D] travel around the batch axes with `ppermute`; at hop k each device folds the scores of
-  its images against the visiting texts (and of its texts against the visiting images) into a
-  running (max, sum) log-sum-exp, in column chunks of c <= n. The backward pass is a custom
-  VJP that runs the ring again with the blocks' gradient accumulators travelling with them
-  (as ring attention does), so only O(n D) embeddings and one n x c block exist at a time.
-  Without an axis (one device) it is a blockwise log-sum-exp over column chunks of the batch.
+* `chunked_softmax_contrastive_loss`: CLIP's InfoNCE as a ring. The texts' [n, D] blocks
+  travel around the batch axes with `ppermute`; at hop k each device scores its images against
+  the visiting texts once, S = s u v_b^T, in column chunks of c <= n, and folds S into its
+  images' running (max, sum) log-sum-exp over the rows and into the visiting texts' over the
+  columns; that column state travels with the texts, and a last hop takes it home. Each score
+  is computed once (the all-gather form computes each twice, once per direction). The backward
+  pass is a custom VJP that runs the ring again, recomputing S, with the texts' gradient
+  accumulators travelling with them (as ring attention does), so only O(n D) embeddings and
+  one n x c block exist at a time. Without an axis (one device) the same code is a blockwise
+  log-sum-exp over column chunks of the batch.
 * `ring_sigmoid_contrastive_loss`: SigLIP's ring (Zhai et al. 2023, sec. 3.3): text
   embeddings travel around the batch axes with `ppermute`; at hop k each device scores its
-  images against the texts of device (i - k) mod P. Custom VJP: the backward ring recomputes
-  each n x n block and carries the texts' gradients home. Peak O(n^2 + n D).
+  images against the texts of device (i - k) mod P. The pairs' terms need no normaliser, so
+  the custom VJP's forward ring computes the gradients in the same pass (the loss is linear in
+  its cotangent) and the texts' gradients travel home with them: one n x n block per hop, no
+  recomputation. Peak O(n^2 + n D).
 
 Both run inside `jax.shard_map` (axis_name set) or on one device (axis_name None).
 """
@@ -66,8 +71,11 @@ def _ring_perm(hops: int) -> list[tuple[int, int]]:
 
 
 def _pass_on(x, axis_name: AxisName, hops: int):
-    """Sends a pytree one step around the ring: device i -> i + 1 (mod P)."""
-    return jax.tree.map(lambda a: jax.lax.ppermute(a, axis_name, _ring_perm(hops)), x)
+    """Sends an array, or a tuple of same-shaped arrays stacked into one message, one step
+    around the ring: device i -> i + 1 (mod P)."""
+    if not isinstance(x, tuple):
+        return jax.lax.ppermute(x, axis_name, _ring_perm(hops))
+    return tuple(jax.lax.ppermute(jnp.stack(x), axis_name, _ring_perm(hops)))
 
 
 def _varying(x: jax.Array, axis_name: AxisName) -> jax.Array:
@@ -88,58 +96,58 @@ def _check_chunk(chunk_size: int, n: int, hops: int) -> int:
 
 
 # ---- softmax (CLIP) ring ---------------------------------------------------------------------
-def _lse_fold(m, l, queries, keys, scale, c):
-    """Folds keys [n, D] (chunks of c) into the running log-sum-exp (m, l) [n] of the queries."""
-    def body(carry, block):
-        m, l = carry
-        s = scale * (queries @ block.T)                                      # [n, c]
-        m_new = jnp.maximum(m, s.max(axis=-1))
-        return (m_new, l * jnp.exp(m - m_new) + jnp.exp(s - m_new[:, None]).sum(axis=-1)), None
-    (m, l), _ = jax.lax.scan(body, (m, l), keys.reshape(-1, c, keys.shape[-1]))
-    return m, l
+# Only the texts travel. At each hop a device scores its images against the visiting texts once,
+# S = s u v_b^T [n, n], and folds S into two running log-sum-exps: its images' over the rows
+# (i2t) and the visiting texts' over the columns (t2i), whose (max, sum) state travels with the
+# texts and a last hop takes home. Every image-text score is computed once in the forward pass
+# (the all-gather form computes each twice, once per direction) and once more in the backward.
+def _fold(row, col, u, texts, scale):
+    """Folds one [n, c] score block into the rows' (m, l) [n] and the columns' (m, l) [c]."""
+    (rm, rl), (cm, cl) = row, col
+    s = scale * (u @ texts.T)
+    rm_new, cm_new = jnp.maximum(rm, s.max(axis=1)), jnp.maximum(cm, s.max(axis=0))
+    rl = rl * jnp.exp(rm - rm_new) + jnp.exp(s - rm_new[:, None]).sum(axis=1)
+    cl = cl * jnp.exp(cm - cm_new) + jnp.exp(s - cm_new[None, :]).sum(axis=0)
+    return (rm_new, rl), (cm_new, cl)
 
 
-def _lse_grads(queries, keys, lse, ct, scale, c):
-    """Gradients of sum_i ct_i lse_i restricted to the keys of one block, chunks of c:
-    dS = ct_i softmax_ij; (dqueries [n, D], dkeys [n, D], dscale [])."""
-    def body(carry, block):
-        dq, ds = carry
-        ds_ij = ct[:, None] * jnp.exp(scale * (queries @ block.T) - lse[:, None])   # [n, c]
-        t = ds_ij @ block                                                    # [n, D]
-        # sum_ij dS_ij q_i.k_j = sum_i q_i.(dS k)_i: the scale's gradient without the raw scores
-        return (dq + scale * t, ds + jnp.sum(queries * t)), \
-            scale * jnp.einsum("ij,id->jd", ds_ij, queries)
-    d = keys.shape[-1]
-    (dq, ds), dk = jax.lax.scan(body, (jnp.zeros_like(queries), jnp.zeros_like(scale)),
-                                keys.reshape(-1, c, d))
-    return dq, dk.reshape(-1, d), ds
+def _pack(*xs):
+    """[n, k_1], ..., [n] -> one [n, sum k] message (a single ppermute per hop)."""
+    return jnp.concatenate([x if x.ndim == 2 else x[:, None] for x in xs], axis=1)
 
 
 def _ring_lse_fwd_impl(u, v, scale, axis_name, c):
-    hops = _hops(axis_name)
+    hops, (n, d) = _hops(axis_name), u.shape
+
+    def hop(row, block):
+        texts, cm, cl = block[:, :d], block[:, d], block[:, d + 1]
+
+        def chunk(row, xs):
+            t, m, l = xs
+            row, (m, l) = _fold(row, (m, l), u, t, scale)
+            return row, (m, l)
+        row, (cm, cl) = jax.lax.scan(chunk, row, (texts.reshape(-1, c, d), cm.reshape(-1, c),
+                                                  cl.reshape(-1, c)))
+        return row, _pack(texts, cm.reshape(n), cl.reshape(n))
+
     zeros = jnp.zeros_like(u[:, 0])           # inherits the embeddings' device variance
-    init = zeros - jnp.inf, zeros
-
-    def hop(carry, blocks):
-        (mu, lu), (mv, lv) = carry
-        ub, vb = blocks
-        return (_lse_fold(mu, lu, u, vb, scale, c), _lse_fold(mv, lv, v, ub, scale, c))
-
-    state = hop((init, init), (u, v))
+    row, block = hop((zeros - jnp.inf, zeros), _pack(v, zeros - jnp.inf, zeros))
     if hops > 1:
         def step(carry, _):
-            state, blocks = carry
-            blocks = _pass_on(blocks, axis_name, hops)
-            return (hop(state, blocks), blocks), None
-        (state, _), _ = jax.lax.scan(step, (state, (u, v)), None, length=hops - 1)
-    (mu, lu), (mv, lv) = state
-    return mu + jnp.log(lu), mv + jnp.log(lv)
+            row, block = carry
+            return hop(row, _pass_on(block, axis_name, hops)), None
+        (row, block), _ = jax.lax.scan(step, (row, block), None, length=hops - 1)
+        block = _pass_on(block[:, d:], axis_name, hops)   # the texts' (m, l) go home
+    else:
+        block = block[:, d:]
+    (rm, rl), (cm, cl) = row, (block[:, 0], block[:, 1])
+    return rm + jnp.log(rl), cm + jnp.log(cl)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _ring_lse(u, v, scale, axis_name, c):
     """(lse_i2t, lse_t2i) [n]: log-sum-exp of scale u_i.v_j over all texts j of the global batch,
-    and of scale v_i.u_j over all images j; the other towers' blocks come around the ring."""
+    and of scale v_i.u_j over all images j; the texts come around the ring."""
     return _ring_lse_fwd_impl(u, v, scale, axis_name, c)
 
 
@@ -149,30 +157,44 @@ def _ring_lse_fwd(u, v, scale, axis_name, c):
 
 
 def _ring_lse_bwd(axis_name, c, res, cts):
+    """dS_ij = ct_u_i softmax_row(S)_ij + ct_v_j softmax_col(S)_ij on each block S = s u v_b^T;
+    the visiting texts carry (lse, ct, gradient accumulator) and a last hop takes the
+    gradients home."""
     u, v, scale, (lse_u, lse_v) = res
     ct_u, ct_v = cts
-    hops = _hops(axis_name)
+    hops, (n, d) = _hops(axis_name), u.shape
 
-    def hop(local, blocks):
-        du, dv, ds = local
-        ub, vb, dub, dvb = blocks
-        du_1, dvb_1, ds_1 = _lse_grads(u, vb, lse_u, ct_u, scale, c)       # images vs texts
-        dv_2, dub_2, ds_2 = _lse_grads(v, ub, lse_v, ct_v, scale, c)       # texts vs images
-        return (du + du_1, dv + dv_2, ds + ds_1 + ds_2), (ub, vb, dub + dub_2, dvb + dvb_1)
+    def hop(local, block):
+        texts, dtexts, lse_t, ct_t = block[:, :d], block[:, d:2 * d], block[:, 2 * d], \
+            block[:, 2 * d + 1]
 
-    zeros = (jnp.zeros_like(u), jnp.zeros_like(v), jnp.zeros_like(scale))
-    local, blocks = hop(zeros, (u, v, jnp.zeros_like(u), jnp.zeros_like(v)))
+        def chunk(local, xs):
+            du, ds = local
+            t, dt, lt, ctt = xs
+            s = scale * (u @ t.T)                                              # [n, c]
+            d_s = (ct_u[:, None] * jnp.exp(s - lse_u[:, None])
+                   + ctt[None, :] * jnp.exp(s - lt[None, :]))
+            g = d_s @ t                                                          # [n, D]
+            # sum_ij dS_ij u_i.t_j = sum_i u_i.(dS t)_i: the scale's gradient without the scores
+            return (du + scale * g, ds + jnp.sum(u * g)), \
+                dt + scale * jnp.einsum("ij,id->jd", d_s, u)
+        local, dtexts = jax.lax.scan(chunk, local, (
+            texts.reshape(-1, c, d), dtexts.reshape(-1, c, d), lse_t.reshape(-1, c),
+            ct_t.reshape(-1, c)))
+        return local, _pack(texts, dtexts.reshape(n, d), lse_t, ct_t)
+
+    local, block = hop((jnp.zeros_like(u), jnp.zeros_like(scale)),
+                       _pack(v, jnp.zeros_like(v), lse_v, ct_v))
     if hops > 1:
         def step(carry, _):
-            local, blocks = carry
-            return hop(local, _pass_on(blocks, axis_name, hops)), None
-        (local, blocks), _ = jax.lax.scan(step, (local, blocks), None, length=hops - 1)
-        # the block now here belongs to the next device: one more hop takes its gradients home
-        blocks = _pass_on(blocks[2:], axis_name, hops)
+            local, block = carry
+            return hop(local, _pass_on(block, axis_name, hops)), None
+        (local, block), _ = jax.lax.scan(step, (local, block), None, length=hops - 1)
+        dv = _pass_on(block[:, d:2 * d], axis_name, hops)   # the texts' gradients go home
     else:
-        blocks = blocks[2:]
-    du, dv, ds = local
-    return du + blocks[0], dv + blocks[1], ds
+        dv = block[:, d:2 * d]
+    du, ds = local
+    return du, dv, ds
 
 
 _ring_lse.defvjp(_ring_lse_fwd, _ring_lse_bwd)
@@ -226,34 +248,39 @@ def _ring_softplus_sum(u, v, scale, bias, axis_name):
 
 
 def _ring_softplus_fwd(u, v, scale, bias, axis_name):
-    return _ring_softplus_fwd_impl(u, v, scale, bias, axis_name), (u, v, scale, bias)
+    """The sum and, in the same ring, its gradients (the sum is linear in its cotangent, and
+    each pair's term needs no global normaliser): one score block per hop, no recomputation.
+    The visiting texts carry their gradient accumulator; a last hop takes it home."""
+    hops, d = _hops(axis_name), u.shape[1]
+
+    def hop(local, block):
+        total, du, ds, db = local
+        texts, dtexts = block[:, :d], block[:, d:]
+        logits = scale * (u @ texts.T) + bias                                     # [n, n]
+        dl = jax.nn.sigmoid(logits)                                # d softplus(l) = sigmoid(l)
+        g = dl @ texts                                                            # [n, D]
+        # sum_ij dl_ij u_i.t_j = sum_i u_i.(dl t)_i: the scale's gradient without the raw scores
+        local = (total + jnp.sum(jax.nn.softplus(logits)), du + scale * g, ds + jnp.sum(u * g),
+                 db + jnp.sum(dl))
+        return local, _pack(texts, dtexts + scale * jnp.einsum("ij,id->jd", dl, u))
+
+    zero = jnp.zeros_like(scale)
+    local, block = hop((zero, jnp.zeros_like(u), zero, zero), _pack(v, jnp.zeros_like(v)))
+    if hops > 1:
+        def step(carry, _):
+            local, block = carry
+            return hop(local, _pass_on(block, axis_name, hops)), None
+        (local, block), _ = jax.lax.scan(step, (local, block), None, length=hops - 1)
+        dv = _pass_on(block[:, d:], axis_name, hops)   # the visiting texts' gradients go home
+    else:
+        dv = block[:, d:]
+    total, du, ds, db = local
+    return total, (du, dv, ds, db)
 
 
 def _ring_softplus_bwd(axis_name, res, ct):
-    u, v, scale, bias = res
-    hops = _hops(axis_name)
-
-    def hop(local, blocks):
-        du, ds, db = local
-        texts, dtexts = blocks
-        dl = ct * jax.nn.sigmoid(scale * (u @ texts.T) + bias)       # d softplus(l) = sigmoid(l)
-        t = dl @ texts                                                            # [n, D]
-        # sum_ij dl_ij u_i.t_j = sum_i u_i.(dl t)_i: the scale's gradient without the raw scores
-        return ((du + scale * t, ds + jnp.sum(u * t), db + jnp.sum(dl)),
-                (texts, dtexts + scale * jnp.einsum("ij,id->jd", dl, u)))
-
-    local, blocks = hop((jnp.zeros_like(u), jnp.zeros_like(scale), jnp.zeros_like(bias)),
-                        (v, jnp.zeros_like(v)))
-    if hops > 1:
-        def step(carry, _):
-            local, blocks = carry
-            return hop(local, _pass_on(blocks, axis_name, hops)), None
-        (local, blocks), _ = jax.lax.scan(step, (local, blocks), None, length=hops - 1)
-        dv = _pass_on(blocks[1], axis_name, hops)   # the visiting texts' gradients go home
-    else:
-        dv = blocks[1]
-    du, ds, db = local
-    return du, dv, ds, db
+    du, dv, ds, db = res
+    return ct * du, ct * dv, ct * ds, ct * db
 
 
 _ring_softplus_sum.defvjp(_ring_softplus_fwd, _ring_softplus_bwd)
