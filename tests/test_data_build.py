@@ -167,3 +167,155 @@ def test_cli_build_adds_a_split_and_show_prints_counts_and_writes_a_png(world, t
                   "--split", "validation"])
     assert e.value.code == cli.USAGE_ERROR
     assert "already built" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- array_record source
+
+def _array_record_config(path, **fields):
+    base = dict(name="array_record", path=path, image_size=SIZE, text_length=32,
+                read_threads=0)
+    return resolve_part("data", dict(base, **fields))
+
+
+@pytest.fixture(scope="module")
+def built(world, tmp_path_factory):
+    """The world's COCO file built as train, its first 4 images as validation, and an image
+    folder built as a zero-shot directory."""
+    root = tmp_path_factory.mktemp("built")
+    out = str(root / "d")
+    build.build("coco_json", [world["coco"]], out, vocab_size=64, log=lambda s: None)
+    val = write_coco(os.path.join(world["root"], "val4.json"), world["items"][:4])
+    build.build("coco_json", [val], out, split="validation", log=lambda s: None)
+    folder = write_image_folder(str(root / "folder"), 8, seed=5, image_size=SIZE)
+    build.build("image_folder", [folder], str(root / "zs"), split="validation",
+                log=lambda s: None)
+    return dict(dir=out, zeroshot=str(root / "zs"), folder=folder)
+
+
+def test_array_record_source_shuffles_globally_and_resumes_exactly(world, built):
+    from vlp_jax.train.data_bridge import DataBridge
+    bridge = DataBridge(_array_record_config(built["dir"]))
+    with open(os.path.join(built["dir"], ar.TOKENIZER_FILE), "rb") as f:
+        assert bridge.tokenizer.model_bytes == f.read()
+    def owner(text):                           # the image a (possibly cut) caption is of
+        return next(i for i, (_, caps, _) in enumerate(world["items"])
+                    if any(c.lower().startswith(text) for c in caps))
+    it = bridge.train_iterator(4, seed=3)
+    epoch = [next(it) for _ in range(3)]                       # 12 records, batch 4
+    seen = [owner(t) for b in epoch for t in bridge.detokenize(b["text"])]
+    assert sorted(seen) == list(range(12)) and seen != list(range(12))
+    state = json.loads(json.dumps(it.get_state()))
+    rest = [next(it) for _ in range(4)]
+    again = bridge.train_iterator(4, seed=3)
+    again.set_state(state)
+    for a, b in zip(rest, [next(again) for _ in range(4)]):
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert epoch[0]["image"].shape == (4, SIZE, SIZE, 3) and epoch[0]["image"].dtype == np.float32
+    assert bridge.location() == built["dir"]
+
+
+def test_array_record_source_evaluates_its_splits_and_a_built_zeroshot_folder(built):
+    from vlp_jax.train.data_bridge import DataBridge
+    bridge = DataBridge(_array_record_config(built["dir"], zeroshot_path=built["zeroshot"]))
+    val = bridge.load_eval_set("validation")
+    assert val.images.shape == (4, SIZE, SIZE, 3) and len(val.captions[0]) == 3
+    zs = bridge.load_eval_set("zeroshot")
+    folder_bridge = DataBridge(_array_record_config(built["dir"], zeroshot_path=built["folder"]))
+    from_folder = folder_bridge.load_eval_set("zeroshot")
+    assert list(zs.class_names) == list(from_folder.class_names) and len(zs) == 8
+    np.testing.assert_array_equal(zs.labels, from_folder.labels)
+    np.testing.assert_allclose(zs.images, from_folder.images)
+    with pytest.raises(SourceError, match="no split 'test'"):
+        bridge.load_eval_set("test")
+    with pytest.raises(SourceError, match="no manifest.json"):
+        DataBridge(_array_record_config(built["folder"]))
+
+
+# ----------------------------------------------------------------------------- TFDS source
+
+_TFDS_BUILD = r'''
+import io, sys, numpy as np, tensorflow_datasets as tfds
+from PIL import Image
+class VlpTinyPairs(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls):
+        return None
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+            "captions": tfds.features.Sequence(tfds.features.Text()),
+            "kind": tfds.features.ClassLabel(names=["dark_thing", "light_thing"])}),
+            disable_shuffling=True)
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(12), "validation": self._generate_examples(4)}
+    def _generate_examples(self, n):
+        for i in range(n):
+            out = io.BytesIO()
+            Image.fromarray(np.full((20, 30, 3), 40 + 15 * i, np.uint8)).save(out, "JPEG")
+            yield i, {"image": out.getvalue(), "kind": int(i >= 6),
+                      "captions": [f"a {'light' if i >= 6 else 'dark'} picture number {i}",
+                                   f"picture {i}"]}
+VlpTinyPairs(data_dir=sys.argv[1], file_format="array_record").download_and_prepare(
+    download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+'''
+
+_TFDS_READ = r'''
+import json, sys
+from vlp_jax.config_schema import resolve_part
+from vlp_jax.train.data_bridge import DataBridge
+bridge = DataBridge(resolve_part("data", json.loads(sys.argv[1])))
+batch = next(bridge.train_iterator(4, seed=0))
+val = bridge.load_eval_set("validation")
+print(json.dumps({"shape": list(batch["image"].shape), "texts": bridge.detokenize(batch["text"]),
+                  "val": len(val), "classes": list(val.class_names),
+                  "tensorflow": "tensorflow" in sys.modules}))
+'''
+
+
+@pytest.fixture(scope="module")
+def tiny_tfds(tmp_path_factory):
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    subprocess.run([sys.executable, "-c", _TFDS_BUILD, data_dir], check=True,
+                   capture_output=True)
+    return data_dir
+
+
+def _tfds_config(data_dir, **fields):
+    base = dict(name="tfds", tfds_name="vlp_tiny_pairs", tfds_data_dir=data_dir,
+                tfds_text_key="captions", tfds_label_key="kind", image_size=SIZE,
+                text_length=16, vocab_size=64, read_threads=0,
+                data_dir=os.path.join(data_dir, "cache"))
+    return dict(base, **fields)
+
+
+def test_tfds_source_reads_a_prepared_dataset_without_tensorflow(tiny_tfds):
+    out = subprocess.run([sys.executable, "-c", _TFDS_READ, json.dumps(_tfds_config(tiny_tfds))],
+                         check=True, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["shape"] == [4, SIZE, SIZE, 3] and result["val"] == 4
+    assert result["classes"] == ["dark thing", "light thing"]
+    assert all("picture" in t for t in result["texts"])
+    assert result["tensorflow"] is False
+
+
+def test_tfds_source_records_labels_and_errors(tiny_tfds, tmp_path):
+    from vlp_jax.data import tfds_source
+    from vlp_jax.train.data_bridge import DataBridge
+    bridge = DataBridge(resolve_part("data", _tfds_config(tiny_tfds)))
+    zs = bridge.load_eval_set("zeroshot")
+    np.testing.assert_array_equal(zs.labels, [0, 0, 0, 0])
+    record = bridge.train_source()[7]
+    assert record["label"] == 1 and record["image"][:2] == b"\xff\xd8"
+    assert [c.decode() for c in record["captions"]] == ["a light picture number 7", "picture 7"]
+    with pytest.raises(SourceError, match=r"not prepared in .*tfds build vlp_nothing_here"):
+        DataBridge(resolve_part("data", _tfds_config(str(tmp_path),
+                                                     tfds_name="vlp_nothing_here")))
+    with pytest.raises(SourceError, match="no feature 'text'"):
+        tfds_source.TfdsDataset(resolve_part("data", _tfds_config(tiny_tfds,
+                                                                  tfds_text_key="text")))
+    with pytest.raises(SourceError, match="Unknown split 'test'"):
+        bridge.load_eval_set("test")
+

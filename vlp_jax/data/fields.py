@@ -1,6 +1,6 @@
 """Declared fields of `config.data` (see `vlp_jax.config_schema`; the readers are
-data/pipeline.py, data/shapes_builder.py, data/preprocess.py, data/sources.py, data/photo.py
-and train/data_bridge.py)."""
+data/pipeline.py, data/shapes_builder.py, data/preprocess.py, data/sources.py, data/photo.py,
+data/array_record_source.py, data/tfds_source.py and train/data_bridge.py)."""
 import dataclasses
 
 from vlp_jax.config_schema import Field, Seq, declare
@@ -83,3 +83,33 @@ _WEBDATASET_FIELDS = dict(
                                             "the sentencepiece tokenizer is trained on"),
 )
 declare("data", "webdataset", extends="shapes", **_WEBDATASET_FIELDS)
+
+# A directory written by `vlp-jax data build` (vlp_jax/data/array_record_source.py).
+_ARRAY_RECORD_FIELDS = dict(
+    {k: _FILE_SOURCE_FIELDS[k] for k in ("crop_scale_min", "crop_scale_max", "hflip",
+                                         "image_mean", "image_std", "prompt_templates")},
+    path=Field(str, None, doc="directory written by `vlp-jax data build` (manifest.json, "
+                              "<split>-*.array_record, tokenizer.model)"),
+    zeroshot_path=Field(str, None, doc="image folder, or a directory built from one, evaluated "
+                                       "as split 'zeroshot'"),
+    tokenizer_path=Field(str, None, doc="a sentencepiece .model file; None: the directory's "
+                                        "tokenizer.model"),
+)
+declare("data", "array_record", extends="shapes", **_ARRAY_RECORD_FIELDS)
+
+# A prepared TFDS dataset read with tfds.data_source (vlp_jax/data/tfds_source.py).
+_TFDS_FIELDS = dict(
+    {k: v for k, v in _FILE_SOURCE_FIELDS.items()
+     if k not in ("train_path", "val_path", "test_path", "image_root")},
+    tfds_name=Field(str, None, doc="TFDS name[/config][:version], prepared as array_record"),
+    tfds_data_dir=Field(str, None, doc="TFDS data dir; None: TFDS's default"),
+    tfds_image_key=Field(str, "image", doc="image feature ('/' for nested features)"),
+    tfds_text_key=Field(str, "caption", doc="caption feature: a text or a sequence of texts"),
+    tfds_label_key=Field(str, None, doc="class-label feature (ClassLabel names -> zero-shot); "
+                                        "None: labels -1"),
+    tfds_train_split=Field(str, "train", doc="TFDS split (or slice) trained on"),
+    tfds_val_split=Field(str, "validation", doc="TFDS split of 'validation'; None: none"),
+    tfds_test_split=Field(str, "test", doc="TFDS split of 'test'; None: none"),
+    tokenizer_sample=_WEBDATASET_FIELDS["tokenizer_sample"],
+)
+declare("data", "tfds", extends="shapes", **_TFDS_FIELDS)

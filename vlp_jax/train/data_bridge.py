@@ -12,6 +12,9 @@ data.val_path / data.test_path (else the train file's split of that name, Karpat
 'zeroshot' -> data.zeroshot_path (an image folder). Its tokenizer is data.tokenizer_path, else
 the shapes world's (data.tokenizer='shapes'), else sentencepiece trained on the training
 captions and the zero-shot prompts, cached under the shapes builder's data dir.
+'array_record' reads a directory written by `vlp-jax data build` (data.path; its manifest's
+tokenizer) and 'tfds' a prepared TFDS dataset (data.tfds_name): both are record datasets
+(`RECORD_DATASETS`) that hand the bridge their tokenizer, train records and eval sets.
 """
 from __future__ import annotations
 
@@ -23,20 +26,23 @@ import ml_collections
 import numpy as np
 
 from vlp_jax.config_schema import resolve_part
-from vlp_jax.data import photo, pipeline, shapes_builder, sources, webdataset_source
+from vlp_jax.data import (array_record_source, photo, pipeline, shapes_builder, sources,
+                          tfds_source, webdataset_source)
 from vlp_jax.data.tokenizer import Tokenizer
 from vlp_jax.data.types import EvalSet
 
 _EVAL_PATHS = {"validation": "val_path", "test": "test_path"}
+RECORD_DATASETS = {"array_record": array_record_source.ArrayRecordDataset,
+                   "tfds": tfds_source.TfdsDataset}
 
 
 class DataBridge:
     def __init__(self, data_config: ml_collections.ConfigDict):
         name = data_config.get("name", "shapes")
-        valid = ["shapes", "webdataset"] + sorted(sources.SOURCES)
+        valid = ["shapes", "webdataset", *RECORD_DATASETS] + sorted(sources.SOURCES)
         if name not in valid:
             raise ValueError(f"data.name {name!r} is unknown; valid: {valid}")
-        self.name = name
+        self.name, self.records = name, None
         if name == "shapes":
             self.config = data_config
             self.builder = shapes_builder.ensure_built(data_config)
@@ -45,6 +51,11 @@ class DataBridge:
         self.config = resolve_part("data", data_config)
         self.builder = None
         self.photos = photo.photo_transform(self.config)
+        if name in RECORD_DATASETS:
+            self.train_listing = None
+            self.records = RECORD_DATASETS[name](self.config)
+            self.tokenizer = self.records.tokenizer()
+            return
         if name == "webdataset":
             self.train_listing = None
             self.train_shards = webdataset_source.expand_shards(self.config.train_path)
@@ -101,6 +112,8 @@ class DataBridge:
             os.path.join(shapes_builder.data_dir(c), sources.TOKENIZER_DIR))
 
     def location(self) -> str:
+        if self.records is not None:
+            return self.records.location()
         if self.name == "webdataset":
             return str(self.config.train_path)
         if self.builder is None:
@@ -137,6 +150,8 @@ class DataBridge:
         Tests override it to inject bad records."""
         if self.name in ("shapes", "webdataset"):
             return None
+        if self.records is not None:
+            return self.records.train_source()
         return sources.FileRecords(self.train_listing, self.name)
 
     def train_iterator(self, global_batch_size: int, seed: int) -> pipeline.TrainIterator:
@@ -159,6 +174,8 @@ class DataBridge:
         transform (shorter side resized, centre crop)."""
         if self.name == "shapes":
             return pipeline.load_eval_set(self.config, split, max_examples)
+        if self.records is not None:
+            return self.records.load_eval_set(split, self.photos, max_examples)
         if self.name == "webdataset" and split != "zeroshot":
             return self._webdataset_eval_set(split, max_examples)
         listing = self.train_listing if split == "train" else self._listing(split)
