@@ -9,7 +9,7 @@ memory-bounded contrastive losses, on simulated CPU devices.
     program: total = arguments + outputs - donated aliases + temporaries. Variants:
 
         clip-allgather    softmax InfoNCE, other tower all-gathered: n x G logits per device
-        clip-chunked      `method.chunk_size`: the blockwise softmax (embeddings passed around a
+        clip-chunked      `method.chunk_size`: the blockwise softmax (the texts passed around a
                           ppermute ring, n x c blocks, custom backward ring)
         siglip-allgather  sigmoid loss, all-gather form: n x G logits per device
         siglip-ring       `method.ring=True`: SigLIP's ppermute ring, n x n blocks
@@ -21,10 +21,11 @@ memory-bounded contrastive losses, on simulated CPU devices.
 (2) Time (executed). On `--time-devices` (8) simulated devices, at per-device batches where
     every form fits, the loss alone (value and gradient w.r.t. both towers' embeddings and the
     scalars) and the whole train step are run; `--repeats` timed repeats of `--steps` calls
-    after compilation and warm-up, the median repeat reported, and the overhead of the chunked
-    / ring form over its all-gather form in %.
+    after compilation and warm-up, each form and its all-gather form timed in turn within a
+    repeat (the machine's load changes hit both alike), the median repeat reported, and the
+    overhead of the chunked / ring form over its all-gather form in %.
 
-    python benchmarks/scale_memory.py                          # both parts (~10 min, 2 cores)
+    python benchmarks/scale_memory.py                          # both parts (20-40 min, 2 cores)
     python benchmarks/scale_memory.py --part memory --devices 8,32
     python benchmarks/scale_memory.py --part time --time-batches 128,512
 """
@@ -152,62 +153,77 @@ def memory_worker(args) -> list[dict]:
     return rows
 
 
-def _timed(fn, args) -> list[float]:
-    """Seconds per call of fn() (which blocks), per repeat, after 2 warm-up calls."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
+def _interleaved(fns: list, args) -> list[list[float]]:
+    """Seconds per call of each blocking fn(), per repeat, the fns timed in turn within every
+    repeat (so a change of the machine's load hits all of them alike), after 2 warm-up calls."""
+    for fn in fns:
+        for _ in range(2):
             fn()
-        times.append((time.perf_counter() - t0) / args.steps)
+    times = [[] for _ in fns]
+    for _ in range(args.repeats):
+        for fn, t in zip(fns, times):
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                fn()
+            t.append((time.perf_counter() - t0) / args.steps)
     return times
 
 
-def time_worker(args) -> list[dict]:
-    """Executes the loss (value and grad) and the whole train step of every variant."""
+def _variant_fns(variant: str, n: int, host: dict, args) -> tuple:
+    """(loss_fn, step_fn): blocking calls of the loss's value and gradient w.r.t. both [G, D]
+    embeddings and its scalars, and of the whole (donated) train step."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from vlp_jax.parallel.mesh import to_global_batch
     from vlp_jax.train.step import init_state, make_train_step
+    method, tx, _, shardings, mesh = _setup(variant, args)
+    g = host["text"].shape[0]
+    objective = method._itc   # the method's contrastive objective (its sharded loss)
+    emb = jax.device_put(jax.random.normal(jax.random.key(1), (2, g, args.embed), jnp.float32),
+                         jax.sharding.NamedSharding(mesh, jax.P(None, "data")))
+    emb = emb / jnp.linalg.norm(emb, axis=-1, keepdims=True)
+    scalars = (jnp.log(10.0),) if VARIANTS[variant][0] == "softmax" else \
+        (jnp.log(10.0), jnp.array(-10.0))
+    loss_grad = jax.jit(jax.value_and_grad(
+        lambda e, s: objective.loss_of((e[0], e[1]), s)[0], argnums=(0, 1)))
+    holder = [init_state(method, tx, jax.random.key(0), host, shardings)]
+    batch = to_global_batch(host, mesh)
+    step = make_train_step(method, tx, shardings)
+
+    def run_step():
+        holder[0], metrics = step(holder[0], batch)
+        jax.block_until_ready(metrics)
+    return (lambda: jax.block_until_ready(loss_grad(emb, scalars))), run_step
+
+
+def time_worker(args) -> list[dict]:
+    """Executes the loss (value and grad) and the whole train step of each ring / chunked form
+    and its all-gather form, interleaved (`_interleaved`)."""
+    import jax
+    import numpy as np
     rows = []
     devices = jax.device_count()
+    variants = args.variants.split(",")
+    pairs = [(BASELINE[v], v) for v in variants if v in BASELINE and BASELINE[v] in variants]
     for n in [int(b) for b in args.time_batches.split(",")]:
         g = n * devices
         rng = np.random.default_rng(0)
         text = np.zeros((g, 8), np.int32)
         text[:, 0], text[:, 1:6], text[:, 6] = 1, rng.integers(4, 256, (g, 5)), 2
         host = dict(image=rng.uniform(-1, 1, (g, 16, 16, 3)).astype(np.float32), text=text)
-        for variant in args.variants.split(","):
-            method, tx, _, shardings, mesh = _setup(variant, args)
-            objective = method._itc   # the method's contrastive objective (its sharded loss)
-            emb = jax.device_put(
-                jax.random.normal(jax.random.key(1), (2, g, args.embed), jnp.float32),
-                jax.sharding.NamedSharding(mesh, jax.P(None, "data")))
-            emb = emb / jnp.linalg.norm(emb, axis=-1, keepdims=True)
-            scalars = (jnp.log(10.0),) if VARIANTS[variant][0] == "softmax" else \
-                (jnp.log(10.0), jnp.array(-10.0))
-            loss_grad = jax.jit(jax.value_and_grad(
-                lambda e, s: objective.loss_of((e[0], e[1]), s)[0], argnums=(0, 1)))
-            loss_s = _timed(lambda: jax.block_until_ready(loss_grad(emb, scalars)), args)
-            state = init_state(method, tx, jax.random.key(0), host, shardings)
-            batch = to_global_batch(host, mesh)
-            step = make_train_step(method, tx, shardings)
-            holder = [state]
-
-            def run_step():
-                holder[0], metrics = step(holder[0], batch)
-                jax.block_until_ready(metrics)
-            step_s = _timed(run_step, args)
-            rows.append(dict(variant=variant, devices=devices, n=n, global_batch=g,
-                             loss_ms=1e3 * statistics.median(loss_s),
-                             step_ms=1e3 * statistics.median(step_s),
-                             loss_repeats_ms=[1e3 * t for t in loss_s],
-                             step_repeats_ms=[1e3 * t for t in step_s]))
-            print(f"  n={n} {variant}: loss {rows[-1]['loss_ms']:.1f} ms, step "
-                  f"{rows[-1]['step_ms']:.1f} ms", file=sys.stderr, flush=True)
+        for pair in pairs:
+            fns = [_variant_fns(v, n, host, args) for v in pair]
+            loss_s = _interleaved([f[0] for f in fns], args)
+            step_s = _interleaved([f[1] for f in fns], args)
+            for v, ls, ss in zip(pair, loss_s, step_s):
+                rows.append(dict(variant=v, devices=devices, n=n, global_batch=g,
+                                 loss_ms=1e3 * statistics.median(ls),
+                                 step_ms=1e3 * statistics.median(ss),
+                                 loss_repeats_ms=[1e3 * t for t in ls],
+                                 step_repeats_ms=[1e3 * t for t in ss]))
+                print(f"  n={n} {v}: loss {rows[-1]['loss_ms']:.1f} ms "
+                      f"{[round(1e3 * t) for t in ls]}, step {rows[-1]['step_ms']:.1f} ms "
+                      f"{[round(1e3 * t) for t in ss]}", file=sys.stderr, flush=True)
     return rows
 
 
@@ -279,9 +295,9 @@ def main(argv=None):
     if args.part in ("all", "time"):
         rows = run_worker("time", args.time_devices, args)
         print(f"\nStep time on {args.time_devices} simulated CPU devices (executed; median of "
-              f"{args.repeats} repeats of {args.steps} calls): the loss's value and gradient "
-              f"w.r.t. both [G, {args.embed}] embeddings and its scalars, and the whole train "
-              f"step of the tiny model, chunk {args.chunk}\n")
+              f"{args.repeats} repeats of {args.steps} calls, each pair interleaved): the "
+              f"loss's value and gradient w.r.t. both [G, {args.embed}] embeddings and its "
+              f"scalars, and the whole train step of the tiny model, chunk {args.chunk}\n")
         print(time_table(rows))
 
 
