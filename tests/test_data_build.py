@@ -319,3 +319,20 @@ def test_tfds_source_records_labels_and_errors(tiny_tfds, tmp_path):
     with pytest.raises(SourceError, match="Unknown split 'test'"):
         bridge.load_eval_set("test")
 
+
+
+def test_clip_own_data_reads_a_built_directory(built):
+    """experiments/clip_own_data.py:train=<built dir>: data.name='array_record' from the
+    manifest, its validation split for retrieval, the built zero-shot directory; val= / root=
+    are refused (they cannot take effect)."""
+    from tests.helpers import experiment_path
+    from vlp_jax.config_args import load_config
+    from vlp_jax.train.data_bridge import DataBridge
+    cfg = load_config(experiment_path(
+        f"clip_own_data.py:smoke,train={built['dir']},zeroshot={built['zeroshot']}"))
+    assert cfg.data.name == "array_record" and cfg.data.path == built["dir"]
+    bridge = DataBridge(cfg.data)
+    assert len(bridge.load_eval_set(cfg.evals.retrieval.split)) == 4
+    assert len(bridge.load_eval_set(cfg.evals.zeroshot.split)) == 8
+    with pytest.raises(ValueError, match="val= and root= do not apply"):
+        load_config(experiment_path(f"clip_own_data.py:train={built['dir']},val=x.json"))
