@@ -1,5 +1,5 @@
 """VL-T5 on the shapes world: the task prompt in the encoder-decoder, prompted cached
-generation, the 'vlt5' data path and the text_tasks evaluator."""
+generation, the 'vlt5' data path, the text_tasks evaluator and a learning run."""
 import os
 
 import jax
@@ -115,3 +115,45 @@ def test_text_task_scores_and_prompts():
     assert wrong["vqa_acc"] == wrong["grounding_acc"] == wrong["snli_ve_acc"] == 0.0
     assert wrong["grounding_acc_chance"] == 100.0 / 9 and wrong["snli_ve_acc_chance"] == 100 / 3
     assert perfect["n_vqa"] == 40 and perfect["n_grounding"] == 20
+
+
+def _tiny_vlt5(data_config, steps):
+    """experiments/vlt5_shapes.py:smoke with width-32 towers on the session's dataset."""
+    from vlp_jax.config_args import load_config
+    config = load_config(os.path.join(ROOT, "experiments", "vlt5_shapes.py")
+                         + f":smoke,steps={steps}")
+    config.data = data_config
+    config.data.text_tasks = "vlt5"
+    res = data_config.image_size
+    config.model.image.update(image_size=res, patch_size=res // 4, width=32, depth=1,
+                              num_heads=2, mlp_dim=64)
+    config.model.update(width=32, num_heads=2, mlp_dim=64, encoder_depth=1, decoder_depth=2)
+    config.optim.update(lr=2e-3, warmup_steps=20)
+    config.train.update(dict(batch_size=32, num_steps=steps, log_every=25,
+                             checkpoint_every=steps))
+    config.evals = ml_collections.ConfigDict(dict(text_tasks=dict(
+        type="text_tasks", split="validation", max_examples=128, batch_size=128,
+        questions_per_scene=4)))
+    return on_devices(config, 1)
+
+
+def test_vlt5_learns_its_tasks_on_held_out_scenes(shapes_data_config, tmp_path):
+    """Multi-task training (caption / vqa / ground / entail, one task per example): on held-out
+    scenes the generated VQA colour answers are right far above chance (12.5%) and the SNLI-VE
+    labels well above chance (33.3%). Measured at 1,200 steps: colour 27.7%, SNLI-VE 72.7%,
+    count 45.4% (chance 33.3%), grounding 19.5% (chance 11.1%), VQA overall 36.9% (30.0%). At
+    this size the encoder-decoder reads the image slowly: 700 steps at lr 5e-3 stayed at
+    chance on VQA; VQA alone at width 64 reached colour 41.5% in 1,200 steps."""
+    from vlp_jax.train.metrics_log import read_metrics
+    from vlp_jax.train.trainer import train_and_evaluate
+    config = _tiny_vlt5(shapes_data_config, steps=STEPS)
+    ev = train_and_evaluate(config, str(tmp_path), progress=False)["eval"]
+    print({k: round(v, 2) for k, v in ev.items()})
+    rows = [r for r in read_metrics(str(tmp_path)) if "train/loss" in r]
+    assert rows[-1]["train/loss/caption"] < 0.5 * rows[0]["train/loss/caption"]
+    assert ev["text_tasks/vqa_colour"] > 1.6 * ev["text_tasks/vqa_colour_chance"], ev
+    assert ev["text_tasks/snli_ve_acc"] > 1.6 * ev["text_tasks/snli_ve_acc_chance"], ev
+    assert ev["text_tasks/vqa_acc"] > ev["text_tasks/vqa_acc_chance"], ev
+
+
+STEPS = 1200
