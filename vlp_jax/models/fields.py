@@ -23,7 +23,8 @@ declare(
     dropout_rate=Field(float, 0.0, doc="dropout in every block (needs a 'dropout' rng)"),
     attention_implementation=Field(str, None, choices=IMPLEMENTATIONS,
                                    doc="jax.nn.dot_product_attention's implementation "
-                                       "(None: JAX chooses)"),
+                                       "(None: JAX chooses; on CPU the heads-major einsum "
+                                       "path, the same function)"),
 )
 
 IMAGE_TOWER = Select("image_tower", key="type", default="vit")
