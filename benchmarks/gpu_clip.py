@@ -134,6 +134,7 @@ def bench_vlp_jax(args) -> dict:
     from vlp_jax.train.flops import dual_encoder_step_flops, peak_flops_per_device
     from vlp_jax.train.optim import make_optimizer
     from vlp_jax.train.step import init_state, make_train_step, state_shardings
+    from benchmarks.train_throughput import time_steps
 
     device = jax.devices()[0]
     implementation = attention_implementation(args.attention, device.platform)
@@ -159,16 +160,8 @@ def bench_vlp_jax(args) -> dict:
                            "help(jax.nn.dot_product_attention)); rerun with --attention xla to "
                            f"measure without it. The error: {e}") from e
     compile_s = time.perf_counter() - t0
-    for _ in range(args.warmup):
-        state, metrics = step(state, batch)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-        times.append((time.perf_counter() - t0) / args.steps)
+    times, state, metrics = time_steps(step, state, batch, args.warmup, args.repeats,
+                                       args.steps)
     step_s = statistics.median(times)
     memory = device.memory_stats() or {}
     return dict(framework="vlp_jax", jax=jax.__version__, device=device.device_kind,

@@ -28,6 +28,7 @@ import time
 import open_clip
 import torch
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+from openclip_step import random_batch   # same folder: the script's sys.path[0]
 
 PRECISIONS = ("amp_bf16", "fp32")
 
@@ -70,19 +71,6 @@ def build(args) -> torch.nn.Module:
     return open_clip.CLIP(embed_dim=args.embed_dim, vision_cfg=vision, text_cfg=text)
 
 
-def random_batch(args, device, gen: torch.Generator):
-    """Images in [-1, 1] [B, 3, H, W]; captions `bos w... eot pad...`, eot the largest id
-    (open_clip's argmax pooling finds it that way)."""
-    images = torch.rand(args.batch, 3, args.image_size, args.image_size, generator=gen) * 2 - 1
-    text = torch.zeros(args.batch, args.context, dtype=torch.long)
-    lengths = torch.randint(2, args.context - 1, (args.batch,), generator=gen)
-    for i, n in enumerate(lengths.tolist()):
-        text[i, 0] = 1
-        text[i, 1:n + 1] = torch.randint(2, args.vocab - 1, (n,), generator=gen)
-        text[i, n + 1] = args.vocab - 1
-    return images.to(device), text.to(device)
-
-
 def make_step(model, optimizer, loss_fn, images, text, device_type: str, precision: str):
     def autocast():
         if precision == "amp_bf16":
@@ -116,7 +104,8 @@ def main(argv=None):
         model = torch.compile(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6,
                                   weight_decay=0.1)
-    images, text = random_batch(args, device, torch.Generator().manual_seed(0))
+    images, text = random_batch(args, torch.Generator().manual_seed(0))
+    images, text = images.to(device), text.to(device)
     step = make_step(model, optimizer, open_clip.ClipLoss(), images, text, device,
                      args.precision)
 

@@ -150,16 +150,8 @@ def bench_vlp_jax(args) -> dict:
     t0 = time.perf_counter()
     step = make_train_step(method, tx, shardings).lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    for _ in range(args.warmup):
-        state, metrics = step(state, batch)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-        times.append((time.perf_counter() - t0) / args.steps)
+    times, state, metrics = time_steps(step, state, batch, args.warmup, args.repeats,
+                                       args.steps)
     step_s = statistics.median(times)
     return dict(framework="vlp_jax", jax=jax.__version__, batch=args.batch,
                 step_ms=1e3 * step_s, samples_per_sec=args.batch / step_s,
@@ -233,6 +225,24 @@ def run_config(args) -> None:
         jx, pt = results
         print(f"\nvlp_jax / open_clip samples/s: {best_step_s(pt) / best_step_s(jx):.2f} (best), "
               f"{jx['samples_per_sec'] / pt['samples_per_sec']:.2f} (median)", flush=True)
+
+
+def time_steps(step, state, batch, warmup: int, repeats: int, steps: int):
+    """(seconds per step of each repeat, last state, last metrics) of `step(state, batch) ->
+    (state, metrics)`: `warmup` untimed steps, then `repeats` timed runs of `steps` steps each
+    (synchronised on the metrics)."""
+    import jax
+    for _ in range(warmup):
+        state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        times.append((time.perf_counter() - t0) / steps)
+    return times, state, metrics
 
 
 def main(argv=None):
