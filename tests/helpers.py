@@ -30,6 +30,22 @@ def experiment_path(spec: str) -> str:
     return os.path.join(EXPERIMENTS, spec)
 
 
+def child_env(devices: int | None = None, **extra) -> dict:
+    """The environment for a test's `python -m vlp_jax.cli ...` child: CPU only, `devices`
+    simulated devices (None: unset), and this session's persistent compilation cache, so that a
+    child compiling what an earlier child compiled reads it back instead (the preemption tests
+    run the same training three times)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+               JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env.pop("XLA_FLAGS", None)
+    if devices is not None:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env.update(extra)
+    return env
+
+
 def on_devices(config: ml_collections.ConfigDict, num_devices: int | None = 1
                ) -> ml_collections.ConfigDict:
     """The experiment on a mesh over the first `num_devices` devices (None: all of them)."""

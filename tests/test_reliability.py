@@ -17,7 +17,7 @@ from vlp_jax.train.checkpoint import Checkpointer
 from vlp_jax.train.metrics_log import read_metrics
 from vlp_jax.train.preemption import EXIT_PREEMPTED
 from vlp_jax.train.trainer import Experiment, NonFiniteError, train_and_evaluate
-from tests.helpers import InstrumentedIterator, restore_state, tiny_clip_config
+from tests.helpers import InstrumentedIterator, child_env, restore_state, tiny_clip_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 30
@@ -50,8 +50,7 @@ def _config(data_dir):
 def _train(config_path, workdir, devices, preempt=False, timeout=120):
     """Runs `python -m vlp_jax.cli train` on `devices` CPU devices; with `preempt`, sends
     SIGTERM as soon as metrics.jsonl has a row. Returns (exit code, stderr)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = child_env(devices)
     cmd = [sys.executable, "-m", "vlp_jax.cli", "train", "--config", str(config_path),
            "--workdir", str(workdir), "--no_progress"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,

@@ -150,14 +150,16 @@ class _TrainTransform:
         return image, captions, label, kinds
 
     def _vlt5_task(self, example: dict, rng: np.random.Generator, emitted: list[str]) -> dict:
-        """data.text_tasks='vlt5': one (input, target) of `shapes_tasks.vlt5_examples` on the
-        record's scene, drawn uniformly with the example's generator -> prompt int32 [L] (the
-        task input with its prefix), text int32 [L] (the target). Both join `emitted`."""
+        """data.text_tasks='vlt5': one (input, target) `shapes_tasks.vlt5_example` on the
+        record's scene, its task drawn uniformly with the example's generator -> prompt int32
+        [L] (the task input with its prefix), text int32 [L] (the target). Both join
+        `emitted`."""
         if "scene" not in example:
             raise ValueError("data.text_tasks='vlt5' needs records with a 'scene' (the shapes "
                              "world's)")
-        tasks = shapes_tasks.vlt5_examples(json.loads(_as_str(example["scene"])), rng)
-        prompt, target = tasks[int(rng.integers(len(tasks)))]
+        task = int(rng.integers(len(shapes_tasks.VLT5_PREFIXES)))
+        prompt, target = shapes_tasks.vlt5_example(json.loads(_as_str(example["scene"])), task,
+                                                   rng)
         emitted += [prompt, target]
         prompt_ids, target_ids = self.tokenizer.encode([prompt, target], self.length)
         return {"prompt": prompt_ids, "text": target_ids}

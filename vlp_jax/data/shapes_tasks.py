@@ -356,23 +356,35 @@ def grounding_target(scene: dict, rng: np.random.Generator) -> dict:
 
 # ----------------------------------------------------------------------------- VL-T5
 
-def vlt5_examples(scene: dict, rng: np.random.Generator) -> list[tuple[str, str]]:
-    """[(input text with its task prefix, target text)], one per task in VLT5_PREFIXES order.
+def vlt5_example(scene: dict, task: int, rng: np.random.Generator) -> tuple[str, str]:
+    """(input text with its task prefix, target text) of task VLT5_PREFIXES[task] on `scene`.
 
     caption: a caption drawn by `describe`; vqa: one `vqa_questions` question and its answer;
     ground: a `grounding_target` phrase and its region; entail: a hypothesis and its label.
+    Only the asked task is drawn (the training pipeline makes one per example).
     """
-    caption = describe(scene, rng)
-    qa = vqa_questions(scene, rng, num=1)[0]
-    ground = grounding_target(scene, rng)
-    ve = snli_ve_hypothesis(scene, rng)
-    texts = ("", qa["question"], ground["phrase"], ve["hypothesis"])
-    targets = (caption, qa["answer"], ground["region"], ve["label"])
-    return [(f"{prefix} {text}".rstrip(), target)
-            for prefix, text, target in zip(VLT5_PREFIXES, texts, targets)]
+    if not 0 <= task < len(VLT5_PREFIXES):
+        raise ValueError(f"task must be in [0, {len(VLT5_PREFIXES)}), got {task}")
+    if task == 0:
+        text, target = "", describe(scene, rng)
+    elif task == 1:
+        qa = vqa_questions(scene, rng, num=1)[0]
+        text, target = qa["question"], qa["answer"]
+    elif task == 2:
+        ground = grounding_target(scene, rng)
+        text, target = ground["phrase"], ground["region"]
+    else:
+        ve = snli_ve_hypothesis(scene, rng)
+        text, target = ve["hypothesis"], ve["label"]
+    return f"{VLT5_PREFIXES[task]} {text}".rstrip(), target
+
+
+def vlt5_examples(scene: dict, rng: np.random.Generator) -> list[tuple[str, str]]:
+    """[`vlt5_example` of each task on `scene`], in VLT5_PREFIXES order."""
+    return [vlt5_example(scene, task, rng) for task in range(len(VLT5_PREFIXES))]
 
 
 __all__ = ["NUM_VQA_ANSWERS", "REGIONS", "RELATION_ANSWERS", "SNLI_VE_LABELS",
            "VLT5_PREFIXES", "VQA_ANSWER_TYPES", "answer_vocabulary", "grounding_target",
-           "nlvr2_statement", "region_of", "snli_ve_hypothesis", "vlt5_examples",
+           "nlvr2_statement", "region_of", "snli_ve_hypothesis", "vlt5_example", "vlt5_examples",
            "vqa_questions", "vqa_soft_scores"]

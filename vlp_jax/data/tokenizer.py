@@ -77,6 +77,7 @@ class Tokenizer:
         if self._mask_id == self._sp.unk_id():
             raise ValueError(f"sentencepiece model has no {MASK_TOKEN} piece")
         self._word_start = word_start_table(self._sp)
+        self._memo: dict[str, list[int]] = {}
 
     @classmethod
     def from_path(cls, path: str | os.PathLike) -> "Tokenizer":
@@ -117,13 +118,27 @@ class Tokenizer:
             raise ValueError(f"length must be >= 2 (room for bos and eos), got {length}")
         out = np.full((len(texts), length), PAD_ID, np.int32)
         for row, text in zip(out, texts):     # one by one: a list call costs ~60 us more
-            ids = [BOS_ID] + self._sp.encode(text)[:length - 2] + [EOS_ID]
+            ids = [BOS_ID] + self._ids(text)[:length - 2] + [EOS_ID]
             row[:len(ids)] = ids
         return out
 
     def token_count(self, text: str) -> int:
         """Tokens `text` needs including bos and eos (the length that avoids truncation)."""
-        return len(self._sp.encode(text)) + 2
+        return len(self._ids(text)) + 2
+
+    _MEMO_SIZE = 1 << 16
+
+    def _ids(self, text: str) -> list[int]:
+        """The sentencepiece ids of `text` (no bos/eos; do not modify), memoised: the input
+        pipeline encodes the same short texts again and again (a caption, then its overflow
+        check; prompts and answers that recur across examples). The memo is emptied when it
+        reaches _MEMO_SIZE texts and is not pickled (workers start with their own)."""
+        ids = self._memo.get(text)
+        if ids is None:
+            if len(self._memo) >= self._MEMO_SIZE:
+                self._memo.clear()
+            ids = self._memo[text] = self._sp.encode(text)
+        return ids
 
     def decode(self, ids) -> str | list[str]:
         """Text of int [L] (a str) or [N, L] (a list); stops at eos, skips pad/bos."""
