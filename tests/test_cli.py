@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from vlp_jax import cli
+from tests.helpers import child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIP = os.path.join(ROOT, "experiments", "clip_shapes.py")
@@ -16,8 +17,7 @@ CLIP = os.path.join(ROOT, "experiments", "clip_shapes.py")
 
 def test_build_data_honours_data_dir_and_size_overrides(tmp_path):
     data_dir = tmp_path / "data"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", VLP_JAX_DATA_DIR=str(tmp_path / "not_here"))
-    env.pop("XLA_FLAGS", None)
+    env = child_env(VLP_JAX_DATA_DIR=str(tmp_path / "not_here"))
     cmd = [sys.executable, "-m", "vlp_jax.cli", "build-data",
            "--config", CLIP + ":smoke",
            f"--config.data.data_dir={data_dir}", "--config.data.num_train=32",
