@@ -155,8 +155,9 @@ def _bad_source(data_config, num_good=6) -> _Source:
 
 
 def _unthreaded(data_config):
-    """Reads records only when a batch needs them, so `_Source.reads` is what was consumed."""
-    data_config.read_threads, data_config.prefetch_batches = 0, 0
+    """Reads records only when a batch needs them and keeps none in memory, so `_Source.reads`
+    is what was consumed."""
+    data_config.read_threads, data_config.prefetch_batches, data_config.cache_mb = 0, 0, 0
     return data_config
 
 

@@ -248,6 +248,27 @@ def test_iterator_is_deterministic_and_resumes_exactly(shapes_data_config):
         other.set_state(state)
 
 
+def test_memoised_records_change_nothing_the_pipeline_yields(shapes_data_config):
+    """Decoded records kept in memory (data.cache_mb) give the same batches, epoch after epoch,
+    as decoding every read; the memo stops taking records when its budget is spent."""
+    from vlp_jax.data.memo import MemoisedSource, record_nbytes
+    c = shapes_data_config
+    c.all_captions = True
+    steps = 2 * c.num_train // 64 + 1                 # into a third epoch
+    cached = _take(pipeline.make_train_iterator(c, global_batch_size=64, seed=3), steps)
+    c.cache_mb = 0
+    assert _equal(cached, _take(pipeline.make_train_iterator(c, global_batch_size=64, seed=3),
+                                steps))
+    source = shapes_builder.ensure_built(c).as_data_source("train")
+    size = record_nbytes(source[0])
+    memo = MemoisedSource(source, budget_bytes=int(2.5 * size))
+    first = [memo[i] for i in range(4)]
+    assert len(memo._records) == 2 and memo.used <= memo.budget
+    assert memo[0] is first[0] and memo[3] is not first[3]        # kept / decoded again
+    np.testing.assert_array_equal(memo[3]["image"], first[3]["image"])
+    assert not MemoisedSource(source, 0)._records and len(MemoisedSource(source, 0)) == len(source)
+
+
 def test_process_shards_are_disjoint_and_cover_the_data(shapes_data_config):
     c = shapes_data_config
     c.augment = False

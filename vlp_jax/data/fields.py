@@ -33,6 +33,8 @@ declare(
     worker_count=Field(int, 0, doc="grain worker processes (0: in-process)"),
     read_threads=Field(int, 2, doc="threads reading ahead in this process"),
     prefetch_batches=Field(int, 2, doc="batches read ahead"),
+    cache_mb=Field(int, 512, doc="decoded train records kept in memory, MiB per process "
+                                 "(vlp_jax/data/memo.py; 0: decode every read)"),
     **{f"augment_{f.name}": Field(float, f.default, doc=f"AugmentConfig.{f.name}")
        for f in dataclasses.fields(AugmentConfig)},
 )

@@ -35,7 +35,8 @@ import ml_collections
 import numpy as np
 
 from vlp_jax.config_schema import resolve_part
-from vlp_jax.data import preprocess, rewrites, sanitize, shapes_builder, shapes_tasks, shapes_world
+from vlp_jax.data import (memo, preprocess, rewrites, sanitize, shapes_builder, shapes_tasks,
+                          shapes_world)
 from vlp_jax.data.tokenizer import Tokenizer
 from vlp_jax.data.types import EvalSet
 
@@ -361,6 +362,7 @@ def make_train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_
     else:
         name = str(getattr(source, "name", type(source).__name__))
         source = _DictRecords(source)
+    source = memo.MemoisedSource(source, int(data_config.cache_mb) << 20)
     ds = grain.MapDataset.source(source).map_with_index(_AddIndex(len(source)))
     ds = ds[process_index::process_count]
     shard_len = len(ds)

@@ -94,12 +94,6 @@ def init_state(method: Method, tx, rng: jax.Array, example_batch: dict,
                    donate_argnums=(0,))(params, rng)
 
 
-def _all_finite(tree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-              if jnp.issubdtype(x.dtype, jnp.floating)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
-
-
 def make_train_step(method: Method, tx: optax.GradientTransformation, shardings: TrainState,
                     nonfinite: str = "skip", lr_schedule: Callable | None = None,
                     frozen: Sequence[str] = (), stop_baseline: int | None = None) -> Callable:
@@ -115,7 +109,9 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, shardings:
     'stop' with `stop_baseline` (the run's `state.nonfinite` at its start): once a step was
     non-finite (`state.nonfinite > stop_baseline`) no later step applies its update either,
     so the state keeps the last good parameters until the host, which checks only at log
-    steps, stops the run. `metrics['finite']` is the step's own finiteness.
+    steps, stops the run. `metrics['finite']` is the step's own finiteness: the loss and the
+    global gradient norm are finite (an inf or NaN anywhere in the gradients makes the norm
+    non-finite; so does a norm beyond float32's range, a step as useless).
     """
     if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"train.nonfinite {nonfinite!r} is unknown; valid: {NONFINITE_POLICIES}")
@@ -128,21 +124,29 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, shardings:
                                                               state.step)
         if mask is not None:
             grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, mask)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = method.project_params(optax.apply_updates(state.params, updates))
-        aux = method.after_update(params, aux, state.step)
-        finite = jnp.isfinite(loss) & _all_finite(grads)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        def update(_):
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = method.project_params(optax.apply_updates(state.params, updates))
+            return params, opt_state, method.after_update(params, aux, state.step)
+
         apply = finite
         if nonfinite == "stop" and stop_baseline is not None:
             apply = finite & (state.nonfinite <= stop_baseline)
-        new = (params, opt_state, aux)
-        if nonfinite != "ignore":
-            old = (state.params, state.opt_state, state.aux)
-            new = jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
+        if nonfinite == "ignore":
+            new = update(None)
+        else:
+            # One conditional rather than a select per leaf of (params, opt_state, aux): the
+            # skipped step computes nothing, and XLA compiles no per-leaf selects (those
+            # doubled the step's compile time on CPU).
+            new = jax.lax.cond(apply, update,
+                               lambda _: (state.params, state.opt_state, state.aux), None)
         skipped = ~apply if nonfinite != "ignore" else ~finite
         state = state.replace(step=state.step + 1, params=new[0], opt_state=new[1], aux=new[2],
                               nonfinite=state.nonfinite + skipped.astype(jnp.int32))
-        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+        metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
                        finite=finite.astype(jnp.float32), nonfinite_total=state.nonfinite)
         if lr_schedule is not None:
             metrics["lr"] = lr_schedule(state.step - 1)
