@@ -239,11 +239,12 @@ def test_the_tokenizer_sample_is_the_first_captions_and_is_cached(shards, tmp_pa
     assert wds.cached_caption_sample(paths, 25, cache) == first
     config = wds_config(train_path=shards["train"], tokenizer_sample=25, data_dir=str(tmp_path))
     model = DataBridge(config).tokenizer.model_bytes
+    default_sample = DataBridge(wds_config(train_path=shards["train"],
+                                           data_dir=shards["cache"])).tokenizer.model_bytes
+    assert model != default_sample
     monkeypatch.setattr(wds, "caption_sample", lambda *a: pytest.fail("read the shards again"))
     assert wds.cached_caption_sample(paths, 25, cache) == first
     assert DataBridge(config).tokenizer.model_bytes == model
-    assert DataBridge(config).tokenizer.model_bytes != DataBridge(wds_config(
-        train_path=shards["train"], data_dir=shards["cache"])).tokenizer.model_bytes
 
 
 # ----------------------------------------------------------------------------- eval, experiment

@@ -31,10 +31,15 @@ declare(
                                                 "doubled when rewrites are given"),
     rewrites_path=Field(str, None, doc="JSON-lines caption rewrites (LaCLIP)"),
     worker_count=Field(int, 0, doc="grain worker processes (0: in-process)"),
-    read_threads=Field(int, 2, doc="threads reading ahead in this process"),
-    prefetch_batches=Field(int, 2, doc="batches read ahead"),
+    read_threads=Field(int, None, doc="threads reading ahead in this process; None: 0 for "
+                                      "decoded records (the shapes world, whose pipeline holds "
+                                      "the GIL: 2 threads measured 2x slower per example), 2 "
+                                      "for photos (decoding releases the GIL) "
+                                      "(`pipeline.read_threads`)"),
+    prefetch_batches=Field(int, 2, doc="batches read ahead (with read_threads > 0)"),
     cache_mb=Field(int, 512, doc="decoded train records kept in memory, MiB per process "
-                                 "(vlp_jax/data/memo.py; 0: decode every read)"),
+                                 "(vlp_jax/data/memo.py; 0: decode every read; record "
+                                 "sources only: webdataset streams)"),
     **{f"augment_{f.name}": Field(float, f.default, doc=f"AugmentConfig.{f.name}")
        for f in dataclasses.fields(AugmentConfig)},
 )

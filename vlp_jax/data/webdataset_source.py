@@ -361,7 +361,8 @@ def make_train_iterator(data_config, *, global_batch_size: int, seed: int, shard
     stream_seed, map_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
     stream = _ShardStream(shards, mine, stream_seed, int(c.shuffle_buffer))
     transform = pipeline._TrainTransform(c, tokenizer, None, photos)
-    batches = _Batches(stream, transform, local_batch, map_seed, int(c.read_threads))
+    batches = _Batches(stream, transform, local_batch, map_seed,
+                       pipeline.read_threads(c, photos=True))
     meta = dict(seed=int(seed), local_batch=local_batch, process_index=process_index,
                 process_count=process_count, dataset=f"webdataset[{len(shards)} shards]",
                 shuffle_buffer=int(c.shuffle_buffer))
