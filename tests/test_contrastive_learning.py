@@ -36,21 +36,21 @@ def _assert_learns(ev, rows, name):
 
 
 def test_align_with_a_resnet_tower_learns(shapes_data_config, tmp_path):
-    config = tiny_experiment(shapes_data_config, "align_shapes.py:smoke", steps=300)
+    config = tiny_experiment(shapes_data_config, "align_shapes.py:smoke", steps=150)
     assert config.model.image.type == "resnet" and not config.model.text.causal
     ev, rows = _train(config, tmp_path)
     _assert_learns(ev, rows, "ALIGN")
 
 
 def test_siglip_learns_with_its_bias(shapes_data_config, tmp_path):
-    config = tiny_experiment(shapes_data_config, "siglip_shapes.py:smoke", steps=300)
+    config = tiny_experiment(shapes_data_config, "siglip_shapes.py:smoke", steps=200)
     assert config.method.loss == "sigmoid"
     ev, rows = _train(config, tmp_path)
     _assert_learns(ev, rows, "SigLIP")
 
 
 def test_flip_learns_from_half_of_the_patches(shapes_data_config, tmp_path):
-    config = tiny_experiment(shapes_data_config, "flip_shapes.py:smoke,ratio=0.5", steps=300)
+    config = tiny_experiment(shapes_data_config, "flip_shapes.py:smoke,ratio=0.5", steps=200)
     assert config.method.mask_ratio == 0.5
     ev, rows = _train(config, tmp_path)
     _assert_learns(ev, rows, "FLIP")

@@ -99,7 +99,9 @@ def _params_after_steps(axes, steps=2):
 def test_fsdp_and_tensor_parallel_layouts_match_data_parallel():
     ref_loss, ref = _params_after_steps({"data": 8})
     ref_params = jax.device_get(ref.params)
-    for axes in ({"fsdp": 8}, {"data": 4, "model": 2}, {"data": 2, "fsdp": 2, "model": 2}):
+    # FSDP alone, and all three axes at once (tensor parallelism is only tested combined:
+    # a separate data x model layout compiled 20-30 s more for no property of its own).
+    for axes in ({"fsdp": 8}, {"data": 2, "fsdp": 2, "model": 2}):
         loss, state = _params_after_steps(axes)
         assert abs(loss - ref_loss) < 1e-5 * max(1.0, abs(ref_loss)), axes
         for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(jax.device_get(state.params))):

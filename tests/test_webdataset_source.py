@@ -95,6 +95,12 @@ def test_brace_patterns_lists_and_single_paths_expand_to_existing_shards(shards)
                               data_dir=shards["cache"]))
 
 
+def test_the_record_memo_is_an_error_on_streams(shards):
+    """data.cache_mb memoises random-access records; a stream has none to memoise."""
+    with pytest.raises(ValueError, match="data.cache_mb cannot take effect"):
+        DataBridge(wds_config(train_path=shards["train"], data_dir=shards["cache"], cache_mb=64))
+
+
 def test_each_process_reads_shards_p_p_plus_P_and_every_sample_once_per_epoch(shards):
     paths = wds.expand_shards(shards["train"])
     assert wds.process_shards(paths, 0, 2) == [0, 2]

@@ -37,9 +37,10 @@ declare(
                                       "for photos (decoding releases the GIL) "
                                       "(`pipeline.read_threads`)"),
     prefetch_batches=Field(int, 2, doc="batches read ahead (with read_threads > 0)"),
-    cache_mb=Field(int, 512, doc="decoded train records kept in memory, MiB per process "
-                                 "(vlp_jax/data/memo.py; 0: decode every read; record "
-                                 "sources only: webdataset streams)"),
+    cache_mb=Field(int, None, doc="decoded train records kept in memory, MiB per process "
+                                  "(vlp_jax/data/memo.py; 0: decode every read; None: "
+                                  "512). Random-access sources only: an error on webdataset "
+                                  "streams, which read each record once per pass"),
     **{f"augment_{f.name}": Field(float, f.default, doc=f"AugmentConfig.{f.name}")
        for f in dataclasses.fields(AugmentConfig)},
 )

@@ -171,13 +171,16 @@ class _TrainTransform:
         except sanitize.BadExample as e:
             _log_skip(example, e)
             return {SKIP_KEY: True, "data_issues": sanitize.issue_vector([e.kind])}
+        # Drawn in every mode, so the rest of the example's random stream is the same
+        # whichever text the batch carries; with VL-T5 tasks the task's target replaces it
+        # (neither encoded nor counted as truncated).
         pick = captions[int(rng.integers(len(captions)))]
-        emitted = [pick]
-        out = {"image": self._view(image, rng),
-               "text": self.tokenizer.encode([pick], self.length)[0],
-               "label": np.int32(label)}
+        emitted = [] if self.vlt5 else [pick]
+        out = {"image": self._view(image, rng), "label": np.int32(label)}
         if self.vlt5:
             out.update(self._vlt5_task(example, rng, emitted))
+        else:
+            out["text"] = self.tokenizer.encode([pick], self.length)[0]
         if self.two_views:
             out["image2"] = self._view(image, rng)
         if self.all_captions:
@@ -362,7 +365,7 @@ def make_train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_
     else:
         name = str(getattr(source, "name", type(source).__name__))
         source = _DictRecords(source)
-    source = memo.MemoisedSource(source, int(data_config.cache_mb) << 20)
+    source = memo.MemoisedSource(source, cache_bytes(data_config))
     ds = grain.MapDataset.source(source).map_with_index(_AddIndex(len(source)))
     ds = ds[process_index::process_count]
     shard_len = len(ds)
@@ -383,6 +386,19 @@ def make_train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_
     meta = dict(seed=int(seed), local_batch=local_batch, process_index=process_index,
                 process_count=process_count, dataset=name)
     return TrainIterator(it_ds, meta)
+
+
+DEFAULT_CACHE_MB = 512
+
+
+def cache_bytes(data_config: ml_collections.ConfigDict) -> int:
+    """data.cache_mb in bytes (None: DEFAULT_CACHE_MB)."""
+    mb = data_config.cache_mb
+    if mb is None:
+        mb = DEFAULT_CACHE_MB
+    if int(mb) < 0:
+        raise ValueError(f"data.cache_mb must be >= 0, got {mb}")
+    return int(mb) << 20
 
 
 def read_threads(data_config: ml_collections.ConfigDict, photos: bool) -> int:

@@ -57,6 +57,10 @@ class DataBridge:
             self.tokenizer = self.records.tokenizer()
             return
         if name == "webdataset":
+            if self.config.cache_mb is not None:
+                raise ValueError("data.cache_mb cannot take effect on data.name='webdataset': "
+                                 "a stream reads each record once per pass, so there is "
+                                 "nothing to memoise; remove the setting")
             self.train_listing = None
             self.train_shards = webdataset_source.expand_shards(self.config.train_path)
         else:

@@ -77,7 +77,18 @@ def init_params(method: Method, rng: jax.Array, example_batch: dict, param_shard
     shapes; `rng` is the experiment's seed key (split as `init_state` does)."""
     shapes = example_shapes(example_batch)
     return jax.jit(lambda k: nn.meta.unbox(method.init_params(_split_rng(k)[0], _zeros(shapes))),
-                   out_shardings=param_shardings_tree)(rng)
+                   out_shardings=param_shardings_tree,
+                   compiler_options=_run_once_options(method.mesh))(rng)
+
+
+def _run_once_options(mesh) -> dict | None:
+    """XLA options for a computation that runs once per job (initialisation): on CPU, backend
+    optimisation level 0, which halves the compile time of the ~100 random initialisers
+    (measured: ViLT's tiny init 3.6 -> 2.2 s) and costs nothing that matters for one run.
+    Other platforms compile as usual."""
+    if mesh.devices.flat[0].platform == "cpu":
+        return {"xla_backend_optimization_level": 0}
+    return None
 
 
 def init_state(method: Method, tx, rng: jax.Array, example_batch: dict,
@@ -91,7 +102,8 @@ def init_state(method: Method, tx, rng: jax.Array, example_batch: dict,
     params = init_params(method, rng, example_batch, shardings.params)
     params = apply_init(params, init, shardings.params)
     return jax.jit(lambda p, k: _state_from_params(method, tx, p, k), out_shardings=shardings,
-                   donate_argnums=(0,))(params, rng)
+                   donate_argnums=(0,), compiler_options=_run_once_options(method.mesh))(
+                       params, rng)
 
 
 def make_train_step(method: Method, tx: optax.GradientTransformation, shardings: TrainState,
