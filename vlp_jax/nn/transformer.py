@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from vlp_jax.nn.attention import MultiHeadAttention
 from vlp_jax.nn.partitioning import dense_init, layer_norm, zeros
+from vlp_jax.parallel.mesh import constrain_to_batch
 
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
                   "everything_saveable")
@@ -154,7 +155,8 @@ class _StackBlock(EncoderBlock):
     def __call__(self, x, mask=None, context=None, context_mask=None, modality_ids=None):
         out = self._forward(x, mask, context, context_mask, modality_ids, self.deterministic,
                             self.return_weights)
-        return out if self.return_weights else (out, None)
+        out, weights = out if self.return_weights else (out, None)
+        return constrain_to_batch(out), weights
 
 
 class Encoder(nn.Module):

@@ -1,6 +1,7 @@
 """Device mesh built from `config.mesh`, and host-local batches made global arrays."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Mapping, Sequence
 
@@ -78,6 +79,37 @@ def data_parallel_size(mesh: Mesh) -> int:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) dimension split over the batch axes, the rest replicated."""
     return NamedSharding(mesh, P(batch_axes(mesh)))
+
+
+def constrain_to_batch(x: jax.Array) -> jax.Array:
+    """x [B, ...] pinned to the batch layout of the mesh in context (`jax.sharding.
+    use_abstract_mesh`, which the train step and the predictors set): B split over the batch
+    axes, the other dimensions replicated.
+
+    The encoders call it on the residual stream after every block: without it, under `fsdp`
+    XLA's partitioner may follow the parameters' `embed` split and gather full-batch
+    activations instead of the (small) parameters (measured in docs/scaling.md: temporaries
+    doubled against data parallelism). A no-op outside a mesh context, when the batch axes
+    have size 1 or are manual (inside shard_map), and when they do not divide B (batch-1
+    initialisation)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    manual = set(mesh.manual_axes)
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+    if not axes or manual & set(axes) or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return x
+    return jax.lax.with_sharding_constraint(x, P(axes))
+
+
+def traced_on(mesh: Mesh, fn):
+    """fn, traced with `mesh` as the abstract mesh in context (for `constrain_to_batch`): wrap
+    the function given to jax.jit with it."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+    return wrapped
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

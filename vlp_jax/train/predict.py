@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from vlp_jax.parallel.mesh import batch_sharding
+from vlp_jax.parallel.mesh import batch_sharding, traced_on
 
 
 def place(x: Any, sharding: NamedSharding) -> jax.Array:
@@ -47,7 +47,7 @@ class Predictor:
         key = (name, num_inputs)
         if key not in self._jitted:
             self._jitted[key] = jax.jit(
-                self._fns[name],
+                traced_on(self.mesh, self._fns[name]),
                 in_shardings=(self.param_shardings,) + (self.input_sharding,) * num_inputs,
                 out_shardings=NamedSharding(self.mesh, P()))
         return self._jitted[key]

@@ -10,7 +10,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vlp_jax.methods.base import Method
-from vlp_jax.parallel.mesh import batch_sharding
+from vlp_jax.parallel.mesh import batch_sharding, traced_on
 from vlp_jax.parallel.sharding import optimizer_shardings, param_shardings
 from vlp_jax.train.freeze import trainable_mask
 from vlp_jax.train.state import TrainState, step_key
@@ -165,5 +165,6 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, shardings:
         return state, metrics
 
     rep = NamedSharding(method.mesh, P())
-    return jax.jit(train_step, in_shardings=(shardings, batch_sharding(method.mesh)),
+    return jax.jit(traced_on(method.mesh, train_step),
+                   in_shardings=(shardings, batch_sharding(method.mesh)),
                    out_shardings=(shardings, rep), donate_argnums=(0,))
