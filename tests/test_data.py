@@ -338,3 +338,24 @@ def test_eval_set(shapes_data_config):
     assert len(pipeline.load_eval_set(c, "test")) == c.num_test
     with pytest.raises(ValueError, match="'valid'"):
         pipeline.load_eval_set(c, "valid")
+
+
+def test_vlt5_records_count_truncation_of_their_task_texts_only(shapes_data_config):
+    """With data.text_tasks='vlt5' the task's target replaces the drawn caption, so a caption
+    too long for text_length is neither encoded nor counted as truncated; as captions it is."""
+    from vlp_jax.data import shapes_builder as sb
+    tokenizer = sb.load_tokenizer(shapes_data_config)
+    long_caption = " ".join(["a red circle left of a blue square"] * 20)
+    records = [dict(image=np.zeros((24, 24, 3), np.uint8), captions=[long_caption], label=0,
+                    scene=json.dumps(w.sample_scene(np.random.default_rng(s))))
+               for s in range(8)]
+    counts = {}
+    for tasks in ("captions", "vlt5"):
+        c = copy.deepcopy(shapes_data_config)
+        c.update(text_tasks=tasks, text_length=64)
+        it = pipeline.make_train_iterator(c, global_batch_size=8, seed=0, source=records,
+                                          tokenizer=tokenizer)
+        batch = next(it)
+        counts[tasks] = it.issue_totals()["truncated_caption"]
+        assert ("prompt" in batch) == (tasks == "vlt5")
+    assert counts == {"captions": 8, "vlt5": 0}, counts
