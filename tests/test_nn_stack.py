@@ -66,11 +66,14 @@ def test_scanned_stack_equals_loop_with_restacked_weights(remat):
     x, mask = _x(), causal_mask(6)
     loop = Encoder(2, 4, 64, cross_attention_every=1, remat=remat)
     ctx = _x(length=3, seed=5)
-    params = loop.init(jax.random.key(1), x, mask, ctx)["params"]
+    # Jitted: op-by-op, each of the stacks' hundreds of primitives compiles on its own.
+    params = jax.jit(loop.init)(jax.random.key(1), x, mask, ctx)["params"]
     scan = loop.clone(scan_layers=True, remat_policy="dots_saveable")
     stacked = stack_block_params(params, 2)
-    ya, wa = loop.apply({"params": params}, x, mask, ctx, return_weights=True)
-    yb, wb = scan.apply({"params": stacked}, x, mask, ctx, return_weights=True)
+    forward = lambda m: jax.jit(lambda p: m.apply({"params": p}, x, mask, ctx,
+                                                  return_weights=True))
+    ya, wa = forward(loop)(params)
+    yb, wb = forward(scan)(stacked)
     np.testing.assert_allclose(ya, yb, **TOL)
     np.testing.assert_allclose(wa, wb, **TOL)
     assert wa.shape == (2, 2, 4, 6, 6)
@@ -78,8 +81,8 @@ def test_scanned_stack_equals_loop_with_restacked_weights(remat):
     abstract = nn.meta.unbox(jax.eval_shape(
         lambda: scan.init(jax.random.key(1), x, mask, ctx))["params"])
     assert jax.tree.map(jnp.shape, stacked) == jax.tree.map(jnp.shape, abstract)
-    ga = jax.grad(lambda p: loop.apply({"params": p}, x, mask, ctx).sum())(params)
-    gb = jax.grad(lambda p: scan.apply({"params": p}, x, mask, ctx).sum())(stacked)
+    ga = jax.jit(jax.grad(lambda p: loop.apply({"params": p}, x, mask, ctx).sum()))(params)
+    gb = jax.jit(jax.grad(lambda p: scan.apply({"params": p}, x, mask, ctx).sum()))(stacked)
     np.testing.assert_allclose(stack_block_params(ga, 2)["blocks"]["mlp"]["fc1"]["kernel"],
                                gb["blocks"]["mlp"]["fc1"]["kernel"], **TOL)
 
@@ -100,14 +103,15 @@ def test_decoding_with_the_cache_equals_the_full_causal_pass(scan):
     text = TextTransformer(vocab_size=40, width=32, depth=2, num_heads=4, mlp_dim=64,
                            context_length=8, causal=True, scan_layers=scan)
     tokens = jnp.array([[1, 5, 9, 3, 7, 2, 0, 0], [1, 4, 4, 8, 6, 11, 12, 2]], jnp.int32)
-    params = text.init(jax.random.key(0), tokens)["params"]
-    _, full, valid = text.apply({"params": params}, tokens)
+    params = jax.jit(text.init)(jax.random.key(0), tokens)["params"]
+    _, full, valid = jax.jit(lambda p: text.apply({"params": p}, tokens))(params)
     dec = text.clone(decode=True)
-    cache = dec.init(jax.random.key(0), tokens[:, :1])["cache"]
+    cache = jax.jit(dec.init)(jax.random.key(0), tokens[:, :1])["cache"]
+    one_token = jax.jit(lambda c, tok: dec.apply({"params": params, "cache": c}, tok,
+                                                 mutable=["cache"]))
     steps = []
     for t in range(tokens.shape[1]):
-        (_, h, _), mut = dec.apply({"params": params, "cache": cache}, tokens[:, t:t + 1],
-                                   mutable=["cache"])
+        (_, h, _), mut = one_token(cache, tokens[:, t:t + 1])
         cache = mut["cache"]
         steps.append(h)
     steps = jnp.concatenate(steps, axis=1)
