@@ -129,8 +129,9 @@ def test_scores_come_from_the_teacher_not_the_student():
     params, aux = _init(method, batch)
     forward = jax.jit(lambda p, a: method.forward(p, a, batch, jax.random.key(0)))
     base = forward(params, aux)
-    noisy = lambda tree, seed: jax.tree.map(
-        lambda x: x + 0.5 * jax.random.normal(jax.random.key(seed), x.shape, x.dtype), tree)
+    jitted_noise = jax.jit(lambda tree, key: jax.tree.map(       # jitted: one compile, not
+        lambda x: x + 0.5 * jax.random.normal(key, x.shape, x.dtype), tree))   # one per leaf
+    noisy = lambda tree, seed: jitted_noise(tree, jax.random.key(seed))
     student_moved = forward(noisy(params, 1), aux)
     np.testing.assert_array_equal(student_moved["keep_ids"][0], base["keep_ids"][0])
     assert not np.allclose(student_moved["pooled"][0], base["pooled"][0])
@@ -147,7 +148,7 @@ def test_distillation_term_is_a_clips_4_times_one_minus_cosine():
     params, aux = _init(method, batch)
     params = dict(params, aclip_pred=jax.tree.map(lambda x: x + 0.1, params["aclip_pred"]))
     _, metrics, _ = jax.jit(method.loss)(params, aux, batch, jax.random.key(1), jnp.array(0))
-    out = method.forward(params, aux, batch, jax.random.key(1))
+    out = jax.jit(method.forward)(params, aux, batch, jax.random.key(1))
     proj, pred = ProjectionMLP(32, 8, num_layers=2), ProjectionMLP(32, 8, num_layers=2)
     online = pred.apply({"params": params["aclip_pred"]},
                         proj.apply({"params": params["aclip_proj"]}, out["pooled"][0]))
