@@ -161,6 +161,26 @@ def albef_cfg(fusion="cross_attention", **kw):
     return ml_collections.ConfigDict(cfg)
 
 
+def step_training_only(method, batch, trained: str, optim: dict):
+    """One train step of `method` on `batch` with every parameter but the top-level `trained`
+    frozen -> (|d loss / d trained| (the step's gradient norm), params before, params after).
+    The step compiles without the towers' backward pass; for properties of one parameter
+    (temperature clamps)."""
+    from vlp_jax.parallel.mesh import to_global_batch
+    from vlp_jax.parallel.sharding import DEFAULT_RULES
+    from vlp_jax.train.optim import make_optimizer
+    from vlp_jax.train.step import init_state, make_train_step, state_shardings
+    frozen = [f"(?!{trained}$).*"]
+    optim = ml_collections.ConfigDict(optim)
+    tx, _, sh = state_shardings(method, lambda m: make_optimizer(optim, 10, m),
+                                jax.random.key(0), batch, DEFAULT_RULES, frozen=frozen)
+    state = init_state(method, tx, jax.random.key(0), batch, sh)
+    before = jax.device_get(state.params)
+    state, metrics = make_train_step(method, tx, sh, frozen=frozen)(
+        state, to_global_batch(batch, method.mesh))
+    return float(metrics["grad_norm"]), before, jax.device_get(state.params)
+
+
 def restore_state(exp, workdir, step=None):
     """The TrainState of `workdir`'s latest checkpoint of Experiment `exp` (asserted to be at
     `step` if given), fetched to host memory."""

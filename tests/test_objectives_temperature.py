@@ -10,26 +10,8 @@ import ml_collections
 import numpy as np
 
 from vlp_jax.methods.registry import build_method
-from vlp_jax.parallel.mesh import make_mesh, to_global_batch
-from vlp_jax.train.optim import make_optimizer
-from vlp_jax.train.step import init_state, make_train_step, state_shardings
-from tests.helpers import VOCAB, paired_batch, tiny_dual_config
-
-
-def _one_step(method, batch, trained, lr=1e-3):
-    """(|gradient| of the parameter `trained`, params before, params after one train step),
-    everything else frozen: the step's gradient norm is that parameter's gradient, and the
-    step compiles without the towers' backward pass."""
-    mesh = method.mesh
-    optim = ml_collections.ConfigDict(dict(lr=lr, warmup_steps=0, weight_decay=0.0))
-    frozen = [f"(?!{trained}$).*"]
-    tx, _, sh = state_shardings(method, lambda m: make_optimizer(optim, 10, m),
-                                jax.random.key(0), batch, (), frozen=frozen)
-    state = init_state(method, tx, jax.random.key(0), batch, sh)
-    before = jax.device_get(state.params)
-    state, metrics = make_train_step(method, tx, sh, frozen=frozen)(
-        state, to_global_batch(batch, mesh))
-    return float(metrics["grad_norm"]), before, jax.device_get(state.params)
+from vlp_jax.parallel.mesh import make_mesh
+from tests.helpers import VOCAB, paired_batch, step_training_only, tiny_dual_config
 
 
 def test_clip_logit_scale_above_the_bound_keeps_its_gradient_and_is_clamped_after_the_step():
@@ -40,7 +22,8 @@ def test_clip_logit_scale_above_the_bound_keeps_its_gradient_and_is_clamped_afte
     method = build_method(cfg, VOCAB, mesh)
     batch = {k: np.asarray(v, np.float32) if k == "image" else v
              for k, v in paired_batch(n=8).items()}
-    grad, before, after = _one_step(method, batch, "logit_scale")
+    grad, before, after = step_training_only(method, batch, "logit_scale",
+                                             dict(lr=1e-3, warmup_steps=0, weight_decay=0.0))
     assert float(before["logit_scale"]) == 5.0
     assert grad > 1e-6                                      # a forward clamp gives exactly 0
     np.testing.assert_allclose(float(after["logit_scale"]), math.log(100.0), rtol=1e-6)

@@ -115,19 +115,21 @@ def test_fsdp_and_tensor_parallel_layouts_match_data_parallel():
                                fc1.shape[1] // (expected[1] or 1)), (axes, shard_shape)
 
 
+def _compiled_step(mesh, cfg, batch, frozen=()):
+    """The tiny CLIP's train step for `cfg` on `mesh`, compiled (never run) on abstract state."""
+    from vlp_jax.train.checkpoint import abstract_with_shardings
+    method = build_method(cfg, VOCAB, mesh)
+    tx, abstract, sh = state_shardings(method, lambda m: make_optimizer(cfg.optim, 10, m),
+                                       jax.random.key(0), batch, DEFAULT_RULES, frozen=frozen)
+    step = make_train_step(method, tx, sh, frozen=frozen)
+    return step.lower(abstract_with_shardings(abstract, sh),
+                      to_global_batch(batch, mesh)).compile()
+
+
 def _step_temp_bytes(axes, n=64):
     """Per-device temporaries (bytes) of the compiled tiny CLIP step on an 8-device mesh."""
-    from vlp_jax.train.checkpoint import abstract_with_shardings
-    cfg = _config()
     mesh = make_mesh(ml_collections.ConfigDict({"axes": axes}))
-    method = build_method(cfg, VOCAB, mesh)
-    batch = _batch(n)
-    tx, abstract, sh = state_shardings(method, lambda m: make_optimizer(cfg.optim, 10, m),
-                                       jax.random.key(0), batch, DEFAULT_RULES)
-    step = make_train_step(method, tx, sh)
-    compiled = step.lower(abstract_with_shardings(abstract, sh),
-                          to_global_batch(batch, mesh)).compile()
-    return compiled.memory_analysis().temp_size_in_bytes
+    return _compiled_step(mesh, _config(), _batch(n)).memory_analysis().temp_size_in_bytes
 
 
 def test_fsdp_keeps_activations_split_over_the_batch():
@@ -141,15 +143,10 @@ def test_fsdp_keeps_activations_split_over_the_batch():
 
 
 def _train_step_flops(frozen):
-    mesh = make_mesh(devices=jax.devices()[:1])
     cfg = _config()
     cfg.model.image.depth = 2
-    method = build_method(cfg, VOCAB, mesh)
-    batch = _batch()
-    tx, abstract, sh = state_shardings(method, lambda m: make_optimizer(cfg.optim, 10, m),
-                                       jax.random.key(0), batch, DEFAULT_RULES, frozen=frozen)
-    step = make_train_step(method, tx, sh, frozen=frozen)
-    cost = step.lower(abstract, to_global_batch(batch, mesh)).compile().cost_analysis()
+    cost = _compiled_step(make_mesh(devices=jax.devices()[:1]), cfg, _batch(),
+                          frozen).cost_analysis()
     return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
 
 

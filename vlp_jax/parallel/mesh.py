@@ -8,7 +8,7 @@ from typing import Mapping, Sequence
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from vlp_jax.config_schema import resolve_part
 
@@ -67,7 +67,7 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict | None = None,
                          axis_types=(AxisType.Auto,) * len(shape))
 
 
-def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+def batch_axes(mesh: Mesh | AbstractMesh) -> tuple[str, ...]:
     """Mesh axes the batch dimension is split over."""
     return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
 
@@ -96,7 +96,7 @@ def constrain_to_batch(x: jax.Array) -> jax.Array:
     if mesh.empty:
         return x
     manual = set(mesh.manual_axes)
-    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+    axes = tuple(a for a in batch_axes(mesh) if mesh.shape[a] > 1)
     if not axes or manual & set(axes) or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
         return x
     return jax.lax.with_sharding_constraint(x, P(axes))
