@@ -32,7 +32,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VENV = os.path.join(HERE, ".venv-openclip")
-OPENCLIP_PACKAGES = ("torch==2.14.1", "torchvision==0.29.1", "open_clip_torch")
+# webdataset, pandas and braceexpand: open_clip_train.data (data_throughput.py's open_clip side)
+OPENCLIP_PACKAGES = ("torch==2.14.1", "torchvision==0.29.1", "open_clip_torch", "webdataset",
+                     "pandas", "braceexpand")
 # Flags shared by this script and openclip_step.py (name, default = the `bench` config).
 MODEL_FLAGS = (("image-size", 32), ("patch-size", 4), ("width", 128), ("layers", 4),
                ("heads", 4), ("text-width", 128), ("text-layers", 4), ("text-heads", 4),
@@ -165,7 +167,8 @@ def ensure_openclip_venv() -> str:
     """Path of the venv's python; creates the venv and installs the pinned packages if absent."""
     python = os.path.join(VENV, "bin", "python")
     ok = os.path.exists(python) and subprocess.run(
-        [python, "-c", "import open_clip, torch"], capture_output=True).returncode == 0
+        [python, "-c", "import open_clip, torch, open_clip_train.data"],
+        capture_output=True).returncode == 0
     if not ok:
         print(f"creating {VENV} ({' '.join(OPENCLIP_PACKAGES)}; ~5.6 GB, several minutes)",
               file=sys.stderr, flush=True)
