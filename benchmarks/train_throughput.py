@@ -32,8 +32,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VENV = os.path.join(HERE, ".venv-openclip")
-# webdataset, pandas and braceexpand: open_clip_train.data (data_throughput.py's open_clip side)
-OPENCLIP_PACKAGES = ("torch==2.14.1", "torchvision==0.29.1", "open_clip_torch", "webdataset",
+# webdataset (<= 0.2.86 as open_clip_train requires: 1.0 renamed the tar samples' keys), pandas
+# and braceexpand: what open_clip_train.data imports (data_throughput.py's open_clip side)
+OPENCLIP_PACKAGES = ("torch==2.14.1", "torchvision==0.29.1", "open_clip_torch", "webdataset==0.2.86",
                      "pandas", "braceexpand")
 # Flags shared by this script and openclip_step.py (name, default = the `bench` config).
 MODEL_FLAGS = (("image-size", 32), ("patch-size", 4), ("width", 128), ("layers", 4),

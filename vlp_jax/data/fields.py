@@ -5,6 +5,7 @@ import dataclasses
 
 from vlp_jax.config_schema import Field, Seq, declare
 from vlp_jax.data.preprocess import AugmentConfig
+from vlp_jax.data.task_fields import TEXT_TASKS
 
 declare(
     "data", "shapes",
@@ -23,10 +24,11 @@ declare(
                                     "(fine control: augment_*)"),
     two_views=Field(bool, False, doc="a second augmented view as batch['image2']"),
     all_captions=Field(bool, False, doc="ship every caption as batch['captions']"),
-    text_tasks=Field(str, "captions", choices=("captions", "vlt5"),
-                     doc="'captions': batch['text'] is a caption; 'vlt5': one VL-T5 task per "
-                         "example (shapes_tasks.vlt5_examples), input batch['prompt'], target "
-                         "batch['text'] (needs records with a scene)"),
+    text_tasks=Field(str, "captions", choices=TEXT_TASKS,
+                     doc="fields made per example from the record's scene (data/task_fields.py): "
+                         "'captions' none; 'vlt5' prompt (batch['text'] is its target); "
+                         "'vqa' question, answer, answer_scores; 'snli_ve' hypothesis, ve_label; "
+                         "'nlvr2' images (a pair), statement, nlvr2_label"),
     num_caption_candidates=Field(int, 0, doc="K of batch['captions']; 0: captions_per_image, "
                                                 "doubled when rewrites are given"),
     rewrites_path=Field(str, None, doc="JSON-lines caption rewrites (LaCLIP)"),

@@ -35,8 +35,8 @@ import ml_collections
 import numpy as np
 
 from vlp_jax.config_schema import resolve_part
-from vlp_jax.data import (memo, preprocess, rewrites, sanitize, shapes_builder, shapes_tasks,
-                          shapes_world)
+from vlp_jax.data import (memo, preprocess, rewrites, sanitize, shapes_builder, shapes_world,
+                          task_fields)
 from vlp_jax.data.tokenizer import Tokenizer
 from vlp_jax.data.types import EvalSet
 
@@ -103,7 +103,7 @@ class _TrainTransform:
     """
 
     def __init__(self, data_config: ml_collections.ConfigDict, tokenizer: Tokenizer,
-                 table: rewrites.RewriteTable | None, photos=None):
+                 table: rewrites.RewriteTable | None, photos=None, pair_source=None):
         self.tokenizer, self.table, self.photos = tokenizer, table, photos
         self.size = int(data_config.image_size)
         self.length = int(data_config.text_length)
@@ -112,7 +112,12 @@ class _TrainTransform:
         self.two_views = bool(data_config.two_views)
         self.all_captions = bool(data_config.all_captions)
         self.num_candidates = num_caption_candidates(data_config)
-        self.vlt5 = data_config.text_tasks == "vlt5"
+        self.task = data_config.text_tasks
+        task_fields.task_field_shapes(self.task, self.size, self.length)   # validates it
+        self.vlt5 = self.task == "vlt5"
+        self.pair_source = pair_source
+        if self.task in task_fields.PAIR_TASKS and pair_source is None:
+            raise ValueError(f"data.text_tasks={self.task!r} needs the train records to pair")
 
     def _view(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         if self.photos is not None:
@@ -150,20 +155,25 @@ class _TrainTransform:
             kinds.append("dropped_empty_caption")
         return image, captions, label, kinds
 
-    def _vlt5_task(self, example: dict, rng: np.random.Generator, emitted: list[str]) -> dict:
-        """data.text_tasks='vlt5': one (input, target) `shapes_tasks.vlt5_example` on the
-        record's scene, its task drawn uniformly with the example's generator -> prompt int32
-        [L] (the task input with its prefix), text int32 [L] (the target). Both join
-        `emitted`."""
-        if "scene" not in example:
-            raise ValueError("data.text_tasks='vlt5' needs records with a 'scene' (the shapes "
-                             "world's)")
-        task = int(rng.integers(len(shapes_tasks.VLT5_PREFIXES)))
-        prompt, target = shapes_tasks.vlt5_example(json.loads(_as_str(example["scene"])), task,
-                                                   rng)
-        emitted += [prompt, target]
-        prompt_ids, target_ids = self.tokenizer.encode([prompt, target], self.length)
-        return {"prompt": prompt_ids, "text": target_ids}
+    def _task_fields(self, example: dict, rng: np.random.Generator, emitted: list[str],
+                     left: np.ndarray) -> dict:
+        """The fields data.text_tasks adds (`task_fields`), from the record's scene; 'nlvr2'
+        reads its right image from another record (`task_fields.draw_partner`), which is
+        cleaned like any record (a bad partner skips the example, counted by its kind); `left`
+        is this example's view, the first of 'nlvr2''s `images`."""
+        scene, partner = task_fields.record_scene(example, self.task), None
+        if self.task in task_fields.PAIR_TASKS:
+            other = self.pair_source[task_fields.draw_partner(
+                int(example["index"]), len(self.pair_source), rng)]
+            right, _, _, _ = self._clean(other)
+            partner = task_fields.record_scene(other, self.task)
+        fields, texts = task_fields.make_task_fields(self.task, scene, rng,
+                                                     self.tokenizer.encode, self.length,
+                                                     partner_scene=partner)
+        emitted += texts
+        if partner is not None:
+            fields["images"] = np.stack([left, self._view(right, rng)])
+        return fields
 
     def __call__(self, example: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
         try:
@@ -177,10 +187,14 @@ class _TrainTransform:
         pick = captions[int(rng.integers(len(captions)))]
         emitted = [] if self.vlt5 else [pick]
         out = {"image": self._view(image, rng), "label": np.int32(label)}
-        if self.vlt5:
-            out.update(self._vlt5_task(example, rng, emitted))
-        else:
+        if not self.vlt5:
             out["text"] = self.tokenizer.encode([pick], self.length)[0]
+        if self.task != "captions":
+            try:
+                out.update(self._task_fields(example, rng, emitted, out["image"]))
+            except sanitize.BadExample as e:
+                _log_skip(example, sanitize.BadExample(f"its nlvr2 partner: {e}", e.kind))
+                return {SKIP_KEY: True, "data_issues": sanitize.issue_vector([e.kind])}
         if self.two_views:
             out["image2"] = self._view(image, rng)
         if self.all_captions:
@@ -373,7 +387,8 @@ def make_train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_
         raise ValueError(f"process {process_index} of {process_count} has no train records "
                          f"(the source has {len(source)})")
     ds = ds.shuffle(seed=shuffle_seed).repeat(None)
-    ds = ds.random_map(_TrainTransform(data_config, tokenizer, table, photos), seed=map_seed)
+    ds = ds.random_map(_TrainTransform(data_config, tokenizer, table, photos, pair_source=source),
+                       seed=map_seed)
     prefetch = int(data_config.prefetch_batches) * local_batch
     options = grain.ReadOptions(num_threads=read_threads(data_config, photos is not None),
                                 prefetch_buffer_size=prefetch)

@@ -27,7 +27,7 @@ import numpy as np
 
 from vlp_jax.config_schema import resolve_part
 from vlp_jax.data import (array_record_source, photo, pipeline, shapes_builder, sources,
-                          tfds_source, webdataset_source)
+                          task_fields, tfds_source, webdataset_source)
 from vlp_jax.data.tokenizer import Tokenizer
 from vlp_jax.data.types import EvalSet
 
@@ -139,14 +139,13 @@ class DataBridge:
 
     def example_shapes(self) -> dict:
         """Abstract batch-1 shapes of a train batch, {key: ShapeDtypeStruct}: initialisation
-        traces these (never a global-size array): image float32 [1, S, S, 3], text int32
-        [1, L]; with data.text_tasks='vlt5' also prompt int32 [1, L] (the task input)."""
-        s, L = self.config.image_size, self.config.text_length
-        shapes = dict(image=jax.ShapeDtypeStruct((1, s, s, 3), np.float32),
-                      text=jax.ShapeDtypeStruct((1, L), np.int32))
-        if self.config.get("text_tasks", "captions") == "vlt5":
-            shapes["prompt"] = jax.ShapeDtypeStruct((1, L), np.int32)
-        return shapes
+        traces these (never a global-size array). Derived from `task_fields.field_shapes`
+        (image, text and the fields data.text_tasks adds) less `label` and the optional
+        views / caption candidates, which no model's initialisation reads."""
+        shapes = task_fields.field_shapes(self.config)
+        skip = {"label", "image2", "captions"}
+        return {k: jax.ShapeDtypeStruct((1, *shape), dtype)
+                for k, (shape, dtype) in shapes.items() if k not in skip}
 
     def train_source(self):
         """The raw train records handed to the pipeline (a `__len__` / `__getitem__` object of
