@@ -20,7 +20,8 @@ tokenize):
 
 The build itself is timed too (one line under the table). Each row: `--warmup` batches untimed (workers start, buffers fill), then batches for at least
 `--seconds` s; images/s = timed images / wall time. Prints a markdown table and, where
-open_clip ran, the ratio of the best vlp_jax row to open_clip's best.
+open_clip ran, the ratio of the best vlp_jax row to open_clip's best and that of the best
+vlp_jax webdataset row (the same shards read the same way).
 
     python benchmarks/data_throughput.py                          # 1024 images, batch 64
     python benchmarks/data_throughput.py --images 2048 --seconds 20
@@ -222,7 +223,10 @@ def main(argv=None) -> None:
     if extra:
         ours = max(r for n, _, r in rows if n.startswith("vlp_jax"))
         theirs = max(r for _, _, r in extra)
+        same = max(r for n, _, r in rows if n == "vlp_jax webdataset")
         print(f"\nbest vlp_jax / best open_clip: {ours / theirs:.2f}")
+        print(f"best vlp_jax webdataset / best open_clip webdataset (same shards, same "
+              f"format): {same / theirs:.2f}")
 
 
 if __name__ == "__main__":
