@@ -15,10 +15,13 @@ per tower, text context 16, batch 64) and `main`, shaped like the main job
 (experiments/clip_shapes.py: 64 px / patch 8, width 96, depth 3, 4 heads, text context 28,
 vocab 256, embed 96, batch 128). A size flag overrides the preset of every config run.
 For each config with `--with-open-clip` the line `vlp_jax / open_clip samples/s: R` is printed.
+`--devices 1 2` adds a vlp_jax row with the same global batch split over 2 CPU devices
+(data parallel on the same cores; its own ratio line).
 
     python benchmarks/train_throughput.py                  # vlp_jax only
     python benchmarks/train_throughput.py --with-open-clip # both, and their ratio
     python benchmarks/train_throughput.py --with-open-clip --config main
+    python benchmarks/train_throughput.py --with-open-clip --devices 1 2
 """
 from __future__ import annotations
 
@@ -65,6 +68,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (best and median reported)")
+    p.add_argument("--devices", type=int, nargs="+", default=[1],
+                   help="vlp_jax rows: CPU devices (jax_num_cpu_devices) the batch is split over, "
+                        "data parallel on the same cores; 1 (default) = the one-device row")
     p.add_argument("--with-open-clip", action="store_true",
                    help=f"also run open_clip in {VENV} (created if absent)")
     return p.parse_args(argv)
@@ -133,7 +139,8 @@ def _flops(compiled) -> float:
     return float(cost["flops"])
 
 
-def bench_vlp_jax(args) -> dict:
+def bench_vlp_jax(args, devices: int = 1) -> dict:
+    """One vlp_jax row: the global batch split over `devices` CPU devices (1: one device)."""
     import jax
     from vlp_jax.methods.registry import build_method
     from vlp_jax.parallel.mesh import make_mesh, to_global_batch
@@ -143,7 +150,9 @@ def bench_vlp_jax(args) -> dict:
 
     cfg = clip_config(args)
     vocab = dict(vocab_size=args.vocab, pad_id=0, bos_id=1, eos_id=2, mask_id=args.vocab - 1)
-    mesh = make_mesh(devices=jax.devices()[:1])
+    if len(jax.devices()) < devices:
+        raise ValueError(f"--devices {devices}: jax has {len(jax.devices())} devices")
+    mesh = make_mesh(devices=jax.devices()[:devices])
     method = build_method(cfg, vocab, mesh)
     host_batch = synthetic_batch(args)
     tx, _, shardings = state_shardings(method, lambda m: make_optimizer(cfg.optim, 1000, m),
@@ -156,11 +165,13 @@ def bench_vlp_jax(args) -> dict:
     times, state, metrics = time_steps(step, state, batch, args.warmup, args.repeats,
                                        args.steps)
     step_s = statistics.median(times)
-    return dict(framework="vlp_jax", jax=jax.__version__, batch=args.batch,
+    return dict(framework="vlp_jax" if devices == 1 else f"vlp_jax ({devices} devices)",
+                jax=jax.__version__, batch=args.batch,
                 step_ms=1e3 * step_s, samples_per_sec=args.batch / step_s,
                 repeats_ms=[1e3 * t for t in times],
                 params=sum(x.size for x in jax.tree.leaves(state.params)),
-                flops_per_step=_flops(step), peak_flops_per_sec=matmul_flops_per_sec(),
+                flops_per_step=_flops(step) * devices,   # cost_analysis: per device
+                peak_flops_per_sec=matmul_flops_per_sec(),
                 compile_s=compile_s, final_loss=float(metrics["loss"]))
 
 
@@ -214,21 +225,25 @@ def table(results: list[dict]) -> str:
 
 def run_config(args) -> None:
     """Benchmarks one config (vlp_jax, then open_clip if asked) and prints its table and ratio."""
-    results = [bench_vlp_jax(args)]
-    print(json.dumps(dict(results[0], config=args.config)), file=sys.stderr, flush=True)
+    results = [bench_vlp_jax(args, n) for n in args.devices]
     if args.with_open_clip:
         results.append(bench_openclip(args))
-        print(json.dumps(dict(results[1], config=args.config)), file=sys.stderr, flush=True)
+    for r in results:
+        print(json.dumps(dict(r, config=args.config)), file=sys.stderr, flush=True)
     print(f"\nconfig {args.config}: CLIP train step, batch {args.batch}: ViT "
           f"{args.image_size}px/{args.patch_size} width {args.width} depth {args.layers} heads "
           f"{args.heads}; text width {args.text_width} depth {args.text_layers} context "
-          f"{args.context} vocab {args.vocab}; embed {args.embed_dim}; AdamW; 1 CPU device, "
-          f"float32\n")
+          f"{args.context} vocab {args.vocab}; embed {args.embed_dim}; AdamW; float32; "
+          f"vlp_jax on {' / '.join(map(str, args.devices))} CPU device(s), open_clip in one "
+          f"process with {os.cpu_count()} threads\n")
     print(table(results))
-    if len(results) == 2:
-        jx, pt = results
-        print(f"\nvlp_jax / open_clip samples/s: {best_step_s(pt) / best_step_s(jx):.2f} (best), "
-              f"{jx['samples_per_sec'] / pt['samples_per_sec']:.2f} (median)", flush=True)
+    if args.with_open_clip:
+        pt = results[-1]
+        for n, jx in zip(args.devices, results):
+            where = "" if n == 1 else f" ({n} CPU devices, data parallel on the same cores)"
+            print(f"\nvlp_jax{where} / open_clip samples/s: "
+                  f"{best_step_s(pt) / best_step_s(jx):.2f} (best), "
+                  f"{jx['samples_per_sec'] / pt['samples_per_sec']:.2f} (median)", flush=True)
 
 
 def time_steps(step, state, batch, warmup: int, repeats: int, steps: int):
@@ -253,6 +268,9 @@ def main(argv=None):
     args = parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.path.insert(0, os.path.dirname(HERE))
+    if max(args.devices) > 1:
+        import jax
+        jax.config.update("jax_num_cpu_devices", max(args.devices))
     for name in (CONFIGS if args.config == "both" else (args.config,)):
         run_config(config_args(args, name))
     print("\nGFLOP/step: vlp_jax from XLA cost_analysis (all ops, fwd+bwd+optimizer); open_clip "
