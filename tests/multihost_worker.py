@@ -15,7 +15,8 @@ feeds only its own rows (`to_global_batch`). For the first loss, after `--save-a
 process saves an orbax checkpoint in the shared workdir, restores it, checks the restored
 arrays equal the saved ones, and continues training from the restored state. The JSON written
 to `--out` holds, per loss, the loss trajectory, a checksum of the assembled global batch and
-the checkpoint checks.
+the checkpoint checks; with `--webdataset`, the webdataset stream's resume checks
+(`webdataset_resume`).
 """
 from __future__ import annotations
 
@@ -152,6 +153,38 @@ def save_and_restore(state, step: int, workdir: str, target):
                           params_spanning_processes=int(sum(not s for s in split)))
 
 
+def webdataset_resume(args) -> dict:
+    """Exact mid-shard resume of this process's webdataset stream (`--webdataset`): 2 batches
+    taken (mid-shard, buffer full), the position saved, 4 more batches (into the next shard)
+    against 4 from a fresh iterator restored to the position; each batch also assembled into
+    the global array on the mesh, whose row-weighted checksum every process computes."""
+    import jax
+    from vlp_jax.config_schema import resolve_part
+    from vlp_jax.parallel.mesh import make_mesh, to_global_batch
+    from vlp_jax.train.data_bridge import DataBridge
+    cfg = resolve_part("data", dict(name="webdataset", train_path=args.webdataset,
+                                    data_dir=args.wds_cache, image_size=IMAGE, text_length=TEXT,
+                                    vocab_size=128, read_threads=0, shuffle_buffer=8))
+    bridge, mesh = DataBridge(cfg), make_mesh()
+    it = bridge.train_iterator(global_batch_size=args.batch // 4, seed=3)
+    for _ in range(2):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    expected = [next(it) for _ in range(4)]
+    resumed = bridge.train_iterator(global_batch_size=args.batch // 4, seed=3)
+    resumed.set_state(state)
+    got = [next(resumed) for _ in range(4)]
+    checksum = jax.jit(lambda b: sum(
+        jax.numpy.sum(jax.numpy.arange(1, v.shape[0] + 1).reshape(-1, *[1] * (v.ndim - 1)) * v)
+        for v in (b["image"], b["text"].astype(jax.numpy.float32))))
+    glob = lambda b: float(checksum(to_global_batch({k: b[k] for k in ("image", "text")}, mesh)))
+    return dict(
+        local_equal=all(np.array_equal(a[k], b[k]) for a, b in zip(expected, got) for k in a),
+        shard=state["grain"]["shard"], buffered=len(state["grain"]["buffer"]),
+        expected=[glob(b) for b in expected], resumed=[glob(b) for b in got],
+        first_texts=bridge.detokenize(expected[0]["text"]))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -163,10 +196,15 @@ def main(argv=None):
                         help="comma-separated; 'softmax' = CLIP (all-gather), 'sigmoid' = "
                              "SigLIP ring (ppermute); the first also checkpoints")
     parser.add_argument("--axes", default='{"fsdp": -1}', help="config.mesh.axes as JSON")
+    parser.add_argument("--webdataset", default=None,
+                        help="a shard pattern: also check exact resume of the webdataset stream")
+    parser.add_argument("--wds-cache", default=None, help="its data_dir (tokenizer cache)")
     args = parser.parse_args(argv)
     distributed = configure_jax()
     result = {loss: run(args, loss, checkpoint=i == 0)
               for i, loss in enumerate(args.losses.split(","))}
+    if args.webdataset:
+        result["webdataset"] = webdataset_resume(args)
     result["distributed"] = distributed
     with open(args.out + ".tmp", "w") as f:
         json.dump(result, f, indent=1)

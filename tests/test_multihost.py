@@ -40,10 +40,10 @@ def _env(devices: int, **extra) -> dict:
     return env
 
 
-def _launch(out: str, workdir: str, env: dict) -> subprocess.Popen:
+def _launch(out: str, workdir: str, env: dict, extra: list[str]) -> subprocess.Popen:
     os.makedirs(workdir, exist_ok=True)
     cmd = [sys.executable, WORKER, "--out", out, "--workdir", workdir, "--steps", str(STEPS),
-           "--save-at", str(SAVE_AT)]
+           "--save-at", str(SAVE_AT), *extra]
     with open(out + ".log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     proc.log_path = out + ".log"
@@ -72,16 +72,31 @@ def _wait_all(procs: list[subprocess.Popen]) -> None:
                 p.wait()
 
 
+def _webdataset_shards(tmp) -> list[str]:
+    """4 shards of 20 scenes (2 per process) and their tokenizer, trained here once so that
+    the processes only read its cache; the worker's --webdataset arguments."""
+    from tests.test_webdataset_source import write_shards
+    from vlp_jax.config_schema import resolve_part
+    from vlp_jax.train.data_bridge import DataBridge
+    pattern, _ = write_shards(tmp / "shards", 4, 20, seed=7)
+    cache = str(tmp / "wds_cache")
+    DataBridge(resolve_part("data", dict(name="webdataset", train_path=pattern, data_dir=cache,
+                                         image_size=16, text_length=8, vocab_size=128,
+                                         read_threads=0, shuffle_buffer=8))).tokenizer
+    return ["--webdataset", pattern, "--wds-cache", cache]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Launches the 1-process reference and the 2-process job side by side; loads their JSON."""
     tmp = tmp_path_factory.mktemp("multihost")
+    extra = _webdataset_shards(tmp)
     coordinator = f"127.0.0.1:{_free_port()}"
-    procs = [_launch(str(tmp / "reference.json"), str(tmp / "reference"), _env(8))]
+    procs = [_launch(str(tmp / "reference.json"), str(tmp / "reference"), _env(8), extra)]
     for i in range(2):
         procs.append(_launch(str(tmp / f"process{i}.json"), str(tmp / "shared"), _env(
             4, VLP_JAX_COORDINATOR=coordinator, VLP_JAX_NUM_PROCESSES="2",
-            VLP_JAX_PROCESS_ID=str(i))))
+            VLP_JAX_PROCESS_ID=str(i)), extra))
     _wait_all(procs)
     load = lambda name: json.loads((tmp / name).read_text())
     return load("reference.json"), [load(f"process{i}.json") for i in range(2)], tmp
@@ -129,3 +144,16 @@ def test_checkpoint_saved_and_restored_by_both_processes(runs):
     assert os.path.isdir(tmp / "shared" / "checkpoints" / str(SAVE_AT))
     # Training went on from the restored state (steps after SAVE_AT) and still matched the
     # reference (test_loss_trajectory_matches_one_process), so the restore was exact.
+
+
+def test_webdataset_streams_resume_exactly_mid_shard_on_each_process(runs):
+    """Each process streams its own shards (2 of 4); restored mid-shard (full shuffle buffer),
+    it yields exactly the batches of the uninterrupted stream, and so does the global batch
+    assembled from the processes' halves; one process with 8 devices too."""
+    reference, workers, _ = runs
+    for result in [reference] + workers:
+        w = result["webdataset"]
+        assert w["local_equal"] and w["buffered"] == 8 and w["shard"] in (0, 1)
+        assert w["resumed"] == w["expected"]
+    assert workers[0]["webdataset"]["expected"] == workers[1]["webdataset"]["expected"]
+    assert workers[0]["webdataset"]["first_texts"] != workers[1]["webdataset"]["first_texts"]

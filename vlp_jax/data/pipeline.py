@@ -9,6 +9,8 @@ and, on request,
     captions int32   [B, K, L]     all caption candidates of the image    (data.all_captions)
                                    (its captions, then rewrites from data.rewrites_path; rows
                                    beyond an example's candidates are all pad)
+    the fields of data.text_tasks (VL-T5 prompts, VQA questions and soft scores, SNLI-VE
+    hypotheses, NLVR2 image pairs and statements): `vlp_jax.data.task_fields`
 B = global_batch_size // process_count. Records are cleaned first (`vlp_jax.data.sanitize`):
 greyscale / RGBA images converted to RGB, images of another size cropped and resized,
 empty captions dropped, over-long captions truncated (bos ... eos kept); records with an
@@ -111,7 +113,7 @@ class _TrainTransform:
         self.augment_cfg = preprocess.augment_config(data_config)
         self.two_views = bool(data_config.two_views)
         self.all_captions = bool(data_config.all_captions)
-        self.num_candidates = num_caption_candidates(data_config)
+        self.num_candidates = task_fields.num_caption_candidates(data_config)
         self.task = data_config.text_tasks
         task_fields.task_field_shapes(self.task, self.size, self.length)   # validates it
         self.vlt5 = self.task == "vlt5"
@@ -270,15 +272,6 @@ class _SkipAndCarryIterator(grain.DatasetIterator):
 
     def __str__(self) -> str:
         return "SkipAndCarryIterator"
-
-
-def num_caption_candidates(data_config: ml_collections.ConfigDict) -> int:
-    """K of the `captions` key."""
-    data_config = resolve_part("data", data_config)
-    if data_config.num_caption_candidates:
-        return int(data_config.num_caption_candidates)
-    doubled = 2 if data_config.rewrites_path else 1
-    return int(data_config.captions_per_image) * doubled
 
 
 # ----------------------------------------------------------------------------- training

@@ -38,6 +38,7 @@ from typing import Callable
 
 import numpy as np
 
+from vlp_jax.config_schema import resolve_part
 from vlp_jax.data import shapes_tasks
 
 TEXT_TASKS = ("captions", "vlt5", "vqa", "snli_ve", "nlvr2")
@@ -63,6 +64,15 @@ def task_field_shapes(task: str, image_size: int, text_length: int
     }[task]
 
 
+def num_caption_candidates(data_config) -> int:
+    """K of the `captions` field (data.all_captions)."""
+    data_config = resolve_part("data", data_config)
+    if data_config.num_caption_candidates:
+        return int(data_config.num_caption_candidates)
+    doubled = 2 if data_config.rewrites_path else 1
+    return int(data_config.captions_per_image) * doubled
+
+
 def field_shapes(data_config) -> dict[str, tuple[tuple[int, ...], type]]:
     """{field: (per-example shape, dtype)} of every field of this config's train batches."""
     s, length = int(data_config.image_size), int(data_config.text_length)
@@ -71,7 +81,6 @@ def field_shapes(data_config) -> dict[str, tuple[tuple[int, ...], type]]:
     if data_config.get("two_views", False):
         out["image2"] = ((s, s, 3), np.float32)
     if data_config.get("all_captions", False):
-        from vlp_jax.data.pipeline import num_caption_candidates
         out["captions"] = ((num_caption_candidates(data_config), length), np.int32)
     out.update(task_field_shapes(data_config.get("text_tasks", "captions"), s, length))
     return out
