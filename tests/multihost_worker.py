@@ -21,6 +21,7 @@ the checkpoint checks; with `--webdataset`, the webdataset stream's resume check
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -84,6 +85,33 @@ def row_weighted_checksum(batch: dict[str, np.ndarray]) -> float:
     return float(np.sum(w * per_row))
 
 
+@functools.cache
+def _jitted_checksum():
+    import jax
+    import jax.numpy as jnp
+
+    def checksum(b):
+        w = jnp.arange(1, b["image"].shape[0] + 1, dtype=jnp.float32)
+        return jnp.sum(w * (b["image"].reshape(w.shape[0], -1).mean(1)
+                            + b["text"].astype(jnp.float32).mean(1)))
+    return jax.jit(checksum)
+
+
+def global_checksum(batch) -> float:
+    """`row_weighted_checksum` of an assembled global batch (jax.Arrays on the mesh), computed
+    on the devices: every process gets the same replicated value."""
+    return float(_jitted_checksum()({k: batch[k] for k in ("image", "text")}))
+
+
+def webdataset_config(pattern: str, cache: str):
+    """The data section of the webdataset resume check (the test trains its tokenizer with it
+    before the processes start, so they only read the cache)."""
+    from vlp_jax.config_schema import resolve_part
+    return resolve_part("data", dict(name="webdataset", train_path=pattern, data_dir=cache,
+                                     image_size=IMAGE, text_length=TEXT, vocab_size=128,
+                                     read_threads=0, shuffle_buffer=8))
+
+
 def _local_shards(tree) -> list[np.ndarray]:
     import jax
     return [np.asarray(s.data) for x in jax.tree.leaves(tree) for s in x.addressable_shards]
@@ -91,7 +119,6 @@ def _local_shards(tree) -> list[np.ndarray]:
 
 def run(args, loss: str, checkpoint: bool) -> dict:
     import jax
-    import jax.numpy as jnp
 
     from vlp_jax.methods.registry import build_method
     from vlp_jax.parallel.mesh import make_mesh, to_global_batch
@@ -110,11 +137,6 @@ def run(args, loss: str, checkpoint: bool) -> dict:
         logical_rules(cfg.mesh))
     state = init_state(method, tx, jax.random.key(0), example, shardings)
     step_fn = make_train_step(method, tx, shardings)
-    # Weighted row checksum computed on the assembled global arrays (replicated output).
-    checksum_fn = jax.jit(
-        lambda b: jnp.sum(jnp.arange(1, b["image"].shape[0] + 1, dtype=jnp.float32)
-                          * (b["image"].reshape(b["image"].shape[0], -1).mean(1)
-                             + b["text"].astype(jnp.float32).mean(1))))
 
     out = dict(process_index=pid, process_count=count, device_count=jax.device_count(),
                local_device_count=jax.local_device_count(), losses=[], checksums=[],
@@ -122,7 +144,7 @@ def run(args, loss: str, checkpoint: bool) -> dict:
     for step in range(1, args.steps + 1):
         full = global_batch(step, args.batch)
         batch = to_global_batch(local_rows(full, pid, count), mesh)
-        out["checksums"].append(float(checksum_fn(batch)))
+        out["checksums"].append(global_checksum(batch))
         out["expected_checksums"].append(row_weighted_checksum(full))
         state, metrics = step_fn(state, batch)
         out["losses"].append(float(metrics["loss"]))
@@ -157,14 +179,10 @@ def webdataset_resume(args) -> dict:
     """Exact mid-shard resume of this process's webdataset stream (`--webdataset`): 2 batches
     taken (mid-shard, buffer full), the position saved, 4 more batches (into the next shard)
     against 4 from a fresh iterator restored to the position; each batch also assembled into
-    the global array on the mesh, whose row-weighted checksum every process computes."""
-    import jax
-    from vlp_jax.config_schema import resolve_part
+    the global array on the mesh, whose `global_checksum` every process computes."""
     from vlp_jax.parallel.mesh import make_mesh, to_global_batch
     from vlp_jax.train.data_bridge import DataBridge
-    cfg = resolve_part("data", dict(name="webdataset", train_path=args.webdataset,
-                                    data_dir=args.wds_cache, image_size=IMAGE, text_length=TEXT,
-                                    vocab_size=128, read_threads=0, shuffle_buffer=8))
+    cfg = webdataset_config(args.webdataset, args.wds_cache)
     bridge, mesh = DataBridge(cfg), make_mesh()
     it = bridge.train_iterator(global_batch_size=args.batch // 4, seed=3)
     for _ in range(2):
@@ -174,10 +192,7 @@ def webdataset_resume(args) -> dict:
     resumed = bridge.train_iterator(global_batch_size=args.batch // 4, seed=3)
     resumed.set_state(state)
     got = [next(resumed) for _ in range(4)]
-    checksum = jax.jit(lambda b: sum(
-        jax.numpy.sum(jax.numpy.arange(1, v.shape[0] + 1).reshape(-1, *[1] * (v.ndim - 1)) * v)
-        for v in (b["image"], b["text"].astype(jax.numpy.float32))))
-    glob = lambda b: float(checksum(to_global_batch({k: b[k] for k in ("image", "text")}, mesh)))
+    glob = lambda b: global_checksum(to_global_batch(b, mesh))
     return dict(
         local_equal=all(np.array_equal(a[k], b[k]) for a, b in zip(expected, got) for k in a),
         shard=state["grain"]["shard"], buffered=len(state["grain"]["buffer"]),

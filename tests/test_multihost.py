@@ -75,14 +75,12 @@ def _wait_all(procs: list[subprocess.Popen]) -> None:
 def _webdataset_shards(tmp) -> list[str]:
     """4 shards of 20 scenes (2 per process) and their tokenizer, trained here once so that
     the processes only read its cache; the worker's --webdataset arguments."""
+    from tests.multihost_worker import webdataset_config
     from tests.test_webdataset_source import write_shards
-    from vlp_jax.config_schema import resolve_part
     from vlp_jax.train.data_bridge import DataBridge
     pattern, _ = write_shards(tmp / "shards", 4, 20, seed=7)
     cache = str(tmp / "wds_cache")
-    DataBridge(resolve_part("data", dict(name="webdataset", train_path=pattern, data_dir=cache,
-                                         image_size=16, text_length=8, vocab_size=128,
-                                         read_threads=0, shuffle_buffer=8))).tokenizer
+    DataBridge(webdataset_config(pattern, cache))
     return ["--webdataset", pattern, "--wds-cache", cache]
 
 

@@ -115,7 +115,6 @@ class _TrainTransform:
         self.all_captions = bool(data_config.all_captions)
         self.num_candidates = task_fields.num_caption_candidates(data_config)
         self.task = data_config.text_tasks
-        task_fields.task_field_shapes(self.task, self.size, self.length)   # validates it
         self.vlt5 = self.task == "vlt5"
         self.pair_source = pair_source
         if self.task in task_fields.PAIR_TASKS and pair_source is None:
@@ -195,7 +194,7 @@ class _TrainTransform:
             try:
                 out.update(self._task_fields(example, rng, emitted, out["image"]))
             except sanitize.BadExample as e:
-                _log_skip(example, sanitize.BadExample(f"its nlvr2 partner: {e}", e.kind))
+                _log_skip(example, sanitize.BadExample(f"its {self.task} partner: {e}", e.kind))
                 return {SKIP_KEY: True, "data_issues": sanitize.issue_vector([e.kind])}
         if self.two_views:
             out["image2"] = self._view(image, rng)
@@ -446,7 +445,7 @@ def load_eval_set(data_config: ml_collections.ConfigDict, split: str,
         labels=np.asarray([e["label"] for e in examples], np.int32),
         class_names=list(shapes_world.CLASS_NAMES),
         prompt_templates=list(shapes_world.PROMPT_TEMPLATES),
-        scenes=[json.loads(_as_str(e["scene"])) for e in examples])
+        scenes=[task_fields.decode_scene(e["scene"]) for e in examples])
 
 
 def iterate_split(data_config: ml_collections.ConfigDict, split: str) -> Iterator[dict]:
@@ -455,4 +454,4 @@ def iterate_split(data_config: ml_collections.ConfigDict, split: str) -> Iterato
     for i in range(len(source)):
         e = source[i]
         yield {"image": e["image"], "captions": [_as_str(c) for c in e["captions"]],
-               "label": int(e["label"]), "scene": json.loads(_as_str(e["scene"]))}
+               "label": int(e["label"]), "scene": task_fields.decode_scene(e["scene"])}

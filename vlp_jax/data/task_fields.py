@@ -86,13 +86,17 @@ def field_shapes(data_config) -> dict[str, tuple[tuple[int, ...], type]]:
     return out
 
 
+def decode_scene(value) -> dict:
+    """A stored scene (JSON text, str or UTF-8 bytes) -> its dict."""
+    return json.loads(value.decode("utf-8") if isinstance(value, bytes) else str(value))
+
+
 def record_scene(example: dict, task: str) -> dict:
-    """The record's scene (stored as JSON text); ValueError naming the task without one."""
+    """The record's scene; ValueError naming the task for a record without one."""
     if "scene" not in example:
         raise ValueError(f"data.text_tasks={task!r} needs records with a 'scene' (the shapes "
                          "world's); this source's records have none")
-    value = example["scene"]
-    return json.loads(value.decode("utf-8") if isinstance(value, bytes) else str(value))
+    return decode_scene(example["scene"])
 
 
 def make_task_fields(task: str, scene: dict, rng: np.random.Generator, encode: Encode,
