@@ -1,4 +1,4 @@
-"""The named fields of `data.text_tasks` (vqa / snli_ve / nlvr2 / vlt5): batches carry exactly
+"""The named fields of `data.text_tasks` (vqa / snli_ve / nlvr2 / vlt5 / grounding): batches carry exactly
 the fields `task_fields.field_shapes` declares, their contents agree with the shapes world,
 the pair task reads its right image from another record (a bad one is skipped and counted),
 and the streams resume exactly."""
@@ -8,7 +8,7 @@ import pytest
 from vlp_jax.data import pipeline, sanitize, shapes_builder, shapes_tasks, task_fields
 from vlp_jax.train.data_bridge import DataBridge
 
-TASKS = ("captions", "vlt5", "vqa", "snli_ve", "nlvr2")
+TASKS = task_fields.TEXT_TASKS
 
 
 def _batch(config, task, size=16, seed=0):
@@ -63,7 +63,52 @@ def test_nlvr2_pairs_this_image_with_another_record(shapes_data_config):
     assert len({x.tobytes() for x in batch["images"][:, 1]}) > 24     # many partners
 
 
-@pytest.mark.parametrize("task", ("vqa", "nlvr2"))
+def _grounding_example(config, augment: bool, seed: int):
+    """(transform output, its record's scene) of one grounding example of train record 0."""
+    source = shapes_builder.ensure_built(config).as_data_source("train")
+    config.update(text_tasks="grounding", augment=augment)
+    config = pipeline.resolve_part("data", config)
+    transform = pipeline._TrainTransform(config, shapes_builder.load_tokenizer(config), None)
+    record = dict(source[seed % len(source)], index=seed % len(source))
+    return transform(record, np.random.default_rng(seed)), task_fields.decode_scene(
+        record["scene"]), config
+
+
+def test_grounding_box_is_the_named_objects_in_the_view(shapes_data_config):
+    """Unaugmented: the box is the phrase's object's bounding square and the region its grid
+    cell. Augmented: the box moves with the view's crop exactly (a rectangle drawn in the image
+    lands on the mapped box in the cropped view, to a pixel)."""
+    from vlp_jax.data import preprocess, shapes_world
+    tokenizer = None
+    for seed in range(8):
+        out, scene, config = _grounding_example(shapes_data_config.copy_and_resolve_references(),
+                                                False, seed)
+        tokenizer = tokenizer or shapes_builder.load_tokenizer(config)
+        phrase = tokenizer.decode(out["phrase"][None])[0]
+        [obj] = [o for o in scene["objects"]
+                 if shapes_world.object_phrase(o, article="the") == phrase]
+        expected = np.clip([obj["x"] - obj["r"], obj["y"] - obj["r"], obj["x"] + obj["r"],
+                            obj["y"] + obj["r"]], 0, 1)
+        np.testing.assert_allclose(out["box"], expected, atol=1e-6)
+        regions = [r for row in shapes_tasks.REGIONS for r in row]
+        assert regions[out["region"]] == shapes_tasks.region_of(obj["x"], obj["y"])
+    size = 48
+    image = np.zeros((size, size, 3), np.float32)
+    x0, y0, x1, y1 = 14, 10, 26, 34
+    image[y0:y1, x0:x1] = 1.0
+    box = np.array([x0, y0, x1, y1]) / size
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        draw = preprocess.draw_augment(rng, preprocess.AugmentConfig(0.7, 1.3, 0.1, 0, 0))
+        view = preprocess.crop_and_resize(image, draw.scale, draw.shift_y, draw.shift_x)
+        ys, xs = np.nonzero(view[..., 0] > 0.5)
+        seen = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]) / size
+        np.testing.assert_allclose(draw.map_boxes(box), seen, atol=1.01 / size)
+    out, _, _ = _grounding_example(shapes_data_config, True, 0)
+    assert out["box"].dtype == np.float32 and (out["box"][:2] < out["box"][2:]).all()
+
+
+@pytest.mark.parametrize("task", ("vqa", "nlvr2", "grounding"))
 def test_task_streams_resume_exactly(shapes_data_config, task):
     shapes_data_config.text_tasks = task
     make = lambda: pipeline.make_train_iterator(shapes_data_config, global_batch_size=8, seed=3)

@@ -121,11 +121,18 @@ class _TrainTransform:
             raise ValueError(f"data.text_tasks={self.task!r} needs the train records to pair")
 
     def _view(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return self._view_and_draw(image, rng)[0]
+
+    def _view_and_draw(self, image: np.ndarray, rng: np.random.Generator
+                       ) -> tuple[np.ndarray, preprocess.AugmentDraw | None]:
+        """(the training view, the augmentation it applied: identity without augmentation,
+        None for photos, whose transform keeps its own draw)."""
         if self.photos is not None:
-            return self.photos.train(image, rng)
+            return self.photos.train(image, rng), None
         if self.augment:
-            return preprocess.augment_image(image, rng, self.augment_cfg)
-        return preprocess.normalize(image)
+            draw = preprocess.draw_augment(rng, self.augment_cfg)
+            return preprocess.apply_augment(image, draw), draw
+        return preprocess.normalize(image), preprocess.AugmentDraw()
 
     def _clean(self, example) -> tuple[np.ndarray, list[str], int, list[str]]:
         """(uint8 [S, S, 3] image, captions, label, issue kinds) or BadExample. A record may
@@ -157,20 +164,21 @@ class _TrainTransform:
         return image, captions, label, kinds
 
     def _task_fields(self, example: dict, rng: np.random.Generator, emitted: list[str],
-                     left: np.ndarray) -> dict:
+                     left: np.ndarray, draw: preprocess.AugmentDraw | None) -> dict:
         """The fields data.text_tasks adds (`task_fields`), from the record's scene; 'nlvr2'
         reads its right image from another record (`task_fields.draw_partner`), which is
         cleaned like any record (a bad partner skips the example, counted by its kind); `left`
-        is this example's view, the first of 'nlvr2''s `images`."""
+        is this example's view, the first of 'nlvr2''s `images`, made by `draw` (boxes follow
+        it)."""
         scene, partner = task_fields.record_scene(example, self.task), None
         if self.task in task_fields.PAIR_TASKS:
             other = self.pair_source[task_fields.draw_partner(
                 int(example["index"]), len(self.pair_source), rng)]
             right, _, _, _ = self._clean(other)
             partner = task_fields.record_scene(other, self.task)
-        fields, texts = task_fields.make_task_fields(self.task, scene, rng,
-                                                     self.tokenizer.encode, self.length,
-                                                     partner_scene=partner)
+        fields, texts = task_fields.make_task_fields(
+            self.task, scene, rng, self.tokenizer.encode, self.length, partner_scene=partner,
+            map_boxes=None if draw is None else draw.map_boxes)
         emitted += texts
         if partner is not None:
             fields["images"] = np.stack([left, self._view(right, rng)])
@@ -187,12 +195,13 @@ class _TrainTransform:
         # (neither encoded nor counted as truncated).
         pick = captions[int(rng.integers(len(captions)))]
         emitted = [] if self.vlt5 else [pick]
-        out = {"image": self._view(image, rng), "label": np.int32(label)}
+        view, draw = self._view_and_draw(image, rng)
+        out = {"image": view, "label": np.int32(label)}
         if not self.vlt5:
             out["text"] = self.tokenizer.encode([pick], self.length)[0]
         if self.task != "captions":
             try:
-                out.update(self._task_fields(example, rng, emitted, out["image"]))
+                out.update(self._task_fields(example, rng, emitted, view, draw))
             except sanitize.BadExample as e:
                 _log_skip(example, sanitize.BadExample(f"its {self.task} partner: {e}", e.kind))
                 return {SKIP_KEY: True, "data_issues": sanitize.issue_vector([e.kind])}

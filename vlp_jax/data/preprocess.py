@@ -59,19 +59,52 @@ def crop_and_resize(image: np.ndarray, scale: float, shift_y: float, shift_x: fl
     return cols.reshape(w, h, c).transpose(1, 0, 2)
 
 
+@dataclasses.dataclass(frozen=True)
+class AugmentDraw:
+    """One example's augmentation parameters (`draw_augment`): the crop window's side `scale`
+    (a fraction of the image side) and its centre shift (shift_y, shift_x, fractions of the
+    side), then the photometric contrast and brightness."""
+    scale: float = 1.0
+    shift_y: float = 0.0
+    shift_x: float = 0.0
+    contrast: float = 1.0
+    brightness: float = 0.0
+
+    def map_boxes(self, boxes: np.ndarray) -> np.ndarray:
+        """Boxes [..., 4] (x0, y0, x1, y1 in [0, 1] of the input image) -> the same boxes in the
+        augmented view's coordinates, clipped to [0, 1]. The view's point u samples the input
+        at 0.5 + shift + (u - 0.5) * scale (`resample_matrix` in continuous coordinates), so
+        u = (x - 0.5 - shift) / scale + 0.5."""
+        b = np.asarray(boxes, np.float32)
+        shift = np.array([self.shift_x, self.shift_y, self.shift_x, self.shift_y], np.float32)
+        return np.clip((b - 0.5 - shift) / self.scale + 0.5, 0.0, 1.0).astype(np.float32)
+
+
+def draw_augment(rng: np.random.Generator, cfg: AugmentConfig = AugmentConfig()) -> AugmentDraw:
+    """The parameters `augment_image` applies, drawn from `rng` (scale, shifts, contrast,
+    brightness, in that order)."""
+    scale = float(rng.uniform(cfg.min_scale, cfg.max_scale))
+    sy, sx = rng.uniform(-cfg.max_shift, cfg.max_shift, 2)
+    contrast = float(rng.uniform(1 - cfg.contrast, 1 + cfg.contrast))
+    brightness = float(rng.uniform(-cfg.brightness, cfg.brightness))
+    return AugmentDraw(scale, float(sy), float(sx), contrast, brightness)
+
+
+def apply_augment(image: np.ndarray, draw: AugmentDraw) -> np.ndarray:
+    """uint8 or float32 [H, W, 3] -> float32 [H, W, 3] in [-1, 1]: `draw`'s crop-and-resize,
+    then its contrast about the mean and its brightness."""
+    x = normalize(image) if image.dtype == np.uint8 else np.asarray(image, np.float32)
+    x = crop_and_resize(x, draw.scale, draw.shift_y, draw.shift_x)
+    mean = float(x.mean())
+    x = (x - mean) * draw.contrast + mean + draw.brightness
+    return np.clip(x, -1.0, 1.0).astype(np.float32)
+
+
 def augment_image(image: np.ndarray, rng: np.random.Generator,
                   cfg: AugmentConfig = AugmentConfig()) -> np.ndarray:
     """uint8 or float32 [H, W, 3] -> float32 [H, W, 3] in [-1, 1], randomly cropped, resized
     and photometrically jittered (see the module docstring)."""
-    x = normalize(image) if image.dtype == np.uint8 else np.asarray(image, np.float32)
-    scale = float(rng.uniform(cfg.min_scale, cfg.max_scale))
-    sy, sx = rng.uniform(-cfg.max_shift, cfg.max_shift, 2)
-    x = crop_and_resize(x, scale, float(sy), float(sx))
-    contrast = float(rng.uniform(1 - cfg.contrast, 1 + cfg.contrast))
-    brightness = float(rng.uniform(-cfg.brightness, cfg.brightness))
-    mean = float(x.mean())
-    x = (x - mean) * contrast + mean + brightness
-    return np.clip(x, -1.0, 1.0).astype(np.float32)
+    return apply_augment(image, draw_augment(rng, cfg))
 
 
 def augment_config(data_config) -> AugmentConfig:

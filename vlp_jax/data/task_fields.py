@@ -20,6 +20,13 @@ statements and hypotheses and a resumed stream draws the same ones:
                                            record, drawn with the example's generator)
               statement      int32   [L]   `shapes_tasks.nlvr2_statement` about the pair
               nlvr2_label    int32   []    1 if the statement is true of the pair
+  'grounding' phrase         int32   [L]   'the <size> <c> <s>' of an object whose phrase is
+                                           unique in the scene (`shapes_tasks.grounding_target`)
+              box            float32 [4]   its bounding square (x0, y0, x1, y1) in [0, 1] of
+                                           the training view: the view's crop moves it
+                                           (`preprocess.AugmentDraw.map_boxes`)
+              region         int32   []    its 3 x 3 grid cell in the view, row-major index
+                                           into `shapes_tasks.REGIONS` (of the box centre)
 
 `field_shapes` gives the per-example shape and dtype of every field a batch carries (the
 contract's, the optional views and caption candidates, and the task's): the trainer's
@@ -41,10 +48,11 @@ import numpy as np
 from vlp_jax.config_schema import resolve_part
 from vlp_jax.data import shapes_tasks
 
-TEXT_TASKS = ("captions", "vlt5", "vqa", "snli_ve", "nlvr2")
+TEXT_TASKS = ("captions", "vlt5", "vqa", "snli_ve", "nlvr2", "grounding")
 PAIR_TASKS = ("nlvr2",)      # tasks whose example reads a second record
 
 Encode = Callable[[list[str], int], np.ndarray]   # Tokenizer.encode: texts -> int32 [N, L]
+MapBoxes = Callable[[np.ndarray], np.ndarray]     # boxes [..., 4] of the image -> of the view
 
 
 def task_field_shapes(task: str, image_size: int, text_length: int
@@ -61,6 +69,8 @@ def task_field_shapes(task: str, image_size: int, text_length: int
         "snli_ve": {"hypothesis": ((length,), np.int32), "ve_label": ((), np.int32)},
         "nlvr2": {"images": ((2, s, s, 3), np.float32), "statement": ((length,), np.int32),
                   "nlvr2_label": ((), np.int32)},
+        "grounding": {"phrase": ((length,), np.int32), "box": ((4,), np.float32),
+                      "region": ((), np.int32)},
     }[task]
 
 
@@ -100,11 +110,13 @@ def record_scene(example: dict, task: str) -> dict:
 
 
 def make_task_fields(task: str, scene: dict, rng: np.random.Generator, encode: Encode,
-                     length: int, partner_scene: dict | None = None
+                     length: int, partner_scene: dict | None = None,
+                     map_boxes: MapBoxes | None = None
                      ) -> tuple[dict[str, np.ndarray], list[str]]:
     """(the fields `task` adds for one example, the texts it encoded). For 'vlt5' the fields
     include `text` (the target). 'nlvr2' needs `partner_scene` (the right image's); its
-    `images` field is the caller's, who holds both views."""
+    `images` field is the caller's, who holds both views. 'grounding' needs `map_boxes`, the
+    view's transform of image boxes (identity for an unaugmented view)."""
     if task == "vlt5":
         which = int(rng.integers(len(shapes_tasks.VLT5_PREFIXES)))
         prompt, target = shapes_tasks.vlt5_example(scene, which, rng)
@@ -127,7 +139,22 @@ def make_task_fields(task: str, scene: dict, rng: np.random.Generator, encode: E
         st = shapes_tasks.nlvr2_statement(scene, partner_scene, rng)
         return ({"statement": encode([st["statement"]], length)[0],
                  "nlvr2_label": np.int32(st["label"])}, [st["statement"]])
+    if task == "grounding":
+        if map_boxes is None:
+            raise ValueError("data.text_tasks='grounding' needs the view's box transform "
+                             "(shapes-world images; photo sources carry no scenes)")
+        ground = shapes_tasks.grounding_target(scene, rng)
+        box = map_boxes(np.asarray(ground["box"], np.float32))
+        return ({"phrase": encode([ground["phrase"]], length)[0], "box": box,
+                 "region": np.int32(region_index(box))}, [ground["phrase"]])
     raise ValueError(f"task {task!r} adds no fields (one of {TEXT_TASKS[1:]})")
+
+
+def region_index(box: np.ndarray) -> int:
+    """Row-major index into `shapes_tasks.REGIONS` of the 3 x 3 cell holding the centre of
+    box (x0, y0, x1, y1)."""
+    name = shapes_tasks.region_of((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+    return [r for row in shapes_tasks.REGIONS for r in row].index(name)
 
 
 def draw_partner(index: int, num_records: int, rng: np.random.Generator) -> int:
