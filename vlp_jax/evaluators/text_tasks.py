@@ -6,16 +6,20 @@ On the split's scenes (`EvalSet.scenes`, the shapes world) the task inputs are b
 `vlp_jax.data.shapes_tasks` from a generator seeded with `seed` (the same set every run):
 `questions_per_scene` VQA questions per scene ("vqa: <question>"), one grounding phrase
 ("ground: <the phrase>" -> its 3 x 3 grid region) and one SNLI-VE hypothesis ("entail:
-<hypothesis>" -> entailment / neutral / contradiction). A generated text and a target match
-when they are equal after lower-casing, dropping '.' / '?' and collapsing spaces.
+<hypothesis>" -> entailment / neutral / contradiction), and, where the split has reference
+captions, one caption ("caption:"). A generated text and a target match when they are equal
+after lower-casing, dropping '.' / '?' and collapsing spaces; captions are scored as the
+`captioning` evaluator scores them (`caption_metrics.caption_scores`: BLEU, CIDEr-D and the
+attribute accuracies against the scene), under the prefix `caption_`.
 
 Metrics (percent): vqa_acc (exact match), vqa_soft_acc (VQA v2's min(1, matches / 3) against
 the 10 annotators' answers), vqa_<type> for each answer type (vqa_colour, vqa_shape,
 vqa_count, vqa_yes/no, vqa_relation), grounding_acc, snli_ve_acc, each accuracy with its
 `<name>_chance` (uniform guessing among the type's answers: 1 / 8 colours, 1 / 5 shapes, 1 / 3
 counts, 1 / 2, 1 / 4 relations, 1 / 9 regions, 1 / 3 labels; vqa_acc's and vqa_soft_acc's is
-the mean over the questions asked), counts n_vqa / n_grounding / n_snli_ve, seconds
-(generation wall time).
+the mean over the questions asked), caption_bleu4 / caption_cider / caption_main_colour_acc
+/ ... (the captioning evaluator's names), counts n_vqa / n_grounding / n_snli_ve / n_caption,
+seconds (generation wall time).
 """
 from __future__ import annotations
 
@@ -27,10 +31,11 @@ import numpy as np
 
 from vlp_jax.config_schema import resolve_entry
 from vlp_jax.data import shapes_tasks, shapes_world
+from vlp_jax.evaluators.caption_metrics import caption_scores
 from vlp_jax.evaluators.embed import map_in_batches
 from vlp_jax.evaluators.protocol import PredictFns, detokenizer, require
 
-VQA_PREFIX, GROUND_PREFIX, SNLI_VE_PREFIX = shapes_tasks.VLT5_PREFIXES[1:]
+CAPTION_PREFIX, VQA_PREFIX, GROUND_PREFIX, SNLI_VE_PREFIX = shapes_tasks.VLT5_PREFIXES
 # answers a uniform guess chooses among, per VQA answer type
 VQA_CHOICES = {"colour": len(shapes_world.COLOUR_NAMES), "shape": len(shapes_world.SHAPES),
                "count": len(shapes_world.COUNT_WORDS), "yes/no": 2,
@@ -48,10 +53,15 @@ def task_prompt(prefix: str, text: str) -> str:
     return f"{prefix} {text}".rstrip()
 
 
-def build_tasks(scenes: list[dict], seed: int, questions_per_scene: int) -> list[dict]:
-    """[{"image": scene index, "task": 'vqa' | 'grounding' | 'snli_ve', "prompt": str,
-    "target": str, "answers": [str] (VQA's 10), "type": VQA answer type or None}], one
-    generator seeded with `seed` drawn through the scenes in order."""
+def build_tasks(scenes: list[dict], seed: int, questions_per_scene: int,
+                captions: list[list[str]] | None = None) -> list[dict]:
+    """[{"image": scene index, "task": 'vqa' | 'grounding' | 'snli_ve' | 'caption', "prompt":
+    str, "target": str, "answers": [str] (VQA's 10; a caption task's references), "type": VQA
+    answer type or None}], one generator seeded with `seed` drawn through the scenes in order;
+    with `captions` (each scene's reference captions) a caption task per scene too (it draws
+    nothing, so the other tasks are the same with or without it)."""
+    if captions is not None and len(captions) != len(scenes):
+        raise ValueError(f"got {len(captions)} caption lists for {len(scenes)} scenes")
     rng = np.random.default_rng(seed)
     tasks = []
     for i, scene in enumerate(scenes):
@@ -67,6 +77,10 @@ def build_tasks(scenes: list[dict], seed: int, questions_per_scene: int) -> list
         tasks.append(dict(image=i, task="snli_ve",
                           prompt=task_prompt(SNLI_VE_PREFIX, ve["hypothesis"]),
                           target=ve["label"], answers=[ve["label"]], type=None))
+        if captions is not None:
+            refs = [str(c) for c in captions[i]]
+            tasks.append(dict(image=i, task="caption", prompt=task_prompt(CAPTION_PREFIX, ""),
+                              target=refs[0], answers=refs, type=None, scene=scene))
     return tasks
 
 
@@ -97,6 +111,12 @@ def text_task_scores(tasks: list[dict], predictions: list[str]) -> dict[str, flo
             out[name] = 100.0 * float(np.mean(exact[rows]))
             out[f"{name}_chance"] = 100.0 / choices
             out[f"n_{task}"] = float(rows.sum())
+    caption = [i for i, t in enumerate(tasks) if t["task"] == "caption"]
+    if caption:
+        scores = caption_scores([predictions[i] for i in caption],
+                                [tasks[i]["answers"] for i in caption],
+                                [tasks[i]["scene"] for i in caption])
+        out.update({f"caption_{k}": v for k, v in scores.items()}, n_caption=float(len(caption)))
     return out
 
 
@@ -108,7 +128,8 @@ def evaluate_text_tasks(config: Mapping[str, Any], predict: PredictFns, load_eva
     ds = load_eval_set_fn(config.split, config.max_examples)
     if not ds.scenes:
         raise ValueError("evaluator type 'text_tasks' needs scenes (the shapes world's splits)")
-    tasks = build_tasks(list(ds.scenes), config.seed, config.questions_per_scene)
+    tasks = build_tasks(list(ds.scenes), config.seed, config.questions_per_scene,
+                        [list(c) for c in ds.captions] if ds.captions else None)
     images = np.asarray(ds.images)[[t["image"] for t in tasks]]
     prompts = np.asarray(tokenize_fn([t["prompt"] for t in tasks]))
     start = time.perf_counter()
