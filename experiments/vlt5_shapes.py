@@ -8,7 +8,8 @@ region name, SNLI-VE); the encoder reads the image and the task input with its p
 
 Arguments: smoke, steps, batch, res; decode.
 Evaluation: `text_tasks` (exact-match accuracy per task and VQA answer type, VQA soft
-accuracy, grounding, SNLI-VE, with chance levels) on the test split.
+accuracy, grounding, SNLI-VE, with chance levels; the `caption:` outputs scored as by the
+captioning evaluator) on the test split.
 """
 from vlp_jax.config_args import sibling
 
