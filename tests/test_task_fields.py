@@ -1,7 +1,7 @@
-"""The named fields of `data.text_tasks` (vqa / snli_ve / nlvr2 / vlt5 / grounding): batches carry exactly
-the fields `task_fields.field_shapes` declares, their contents agree with the shapes world,
-the pair task reads its right image from another record (a bad one is skipped and counted),
-and the streams resume exactly."""
+"""The named fields of `data.text_tasks` (vqa / snli_ve / nlvr2 / vlt5 / grounding): batches
+carry exactly the fields `task_fields.field_shapes` declares, their contents agree with the
+shapes world, the pair task reads its right image from another record (a bad one is skipped
+and counted), grounding boxes follow the view's crop, and the streams resume exactly."""
 import numpy as np
 import pytest
 
@@ -64,7 +64,8 @@ def test_nlvr2_pairs_this_image_with_another_record(shapes_data_config):
 
 
 def _grounding_example(config, augment: bool, seed: int):
-    """(transform output, its record's scene) of one grounding example of train record 0."""
+    """(transform output, its record's scene, the resolved config) of one grounding example
+    of train record `seed` (modulo the split's size), drawn with generator `seed`."""
     source = shapes_builder.ensure_built(config).as_data_source("train")
     config.update(text_tasks="grounding", augment=augment)
     config = pipeline.resolve_part("data", config)

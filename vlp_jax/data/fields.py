@@ -28,8 +28,8 @@ declare(
                      doc="fields made per example from the record's scene (data/task_fields.py): "
                          "'captions' none; 'vlt5' prompt (batch['text'] is its target); "
                          "'vqa' question, answer, answer_scores; 'snli_ve' hypothesis, ve_label; "
-                         "'nlvr2' images (a pair), statement, nlvr2_label; 'grounding' phrase, box, "
-                         "region (of the augmented view)"),
+                         "'nlvr2' images (a pair), statement, nlvr2_label; 'grounding' "
+                         "phrase, box, region (of the augmented view)"),
     num_caption_candidates=Field(int, 0, doc="K of batch['captions']; 0: captions_per_image, "
                                                 "doubled when rewrites are given"),
     rewrites_path=Field(str, None, doc="JSON-lines caption rewrites (LaCLIP)"),

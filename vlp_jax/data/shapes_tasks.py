@@ -333,9 +333,16 @@ def snli_ve_hypothesis(scene: dict, rng: np.random.Generator) -> dict:
 
 # ----------------------------------------------------------------------------- grounding
 
-def region_of(x: float, y: float) -> str:
-    """The 3 x 3 grid cell of the point (x, y) in [0, 1]^2 (x to the right, y downwards)."""
+def region_cell(x: float, y: float) -> tuple[int, int]:
+    """(row, col) of the 3 x 3 grid cell of the point (x, y) in [0, 1]^2 (x to the right, y
+    downwards): its name is REGIONS[row][col]."""
     col, row = (min(int(v * 3), 2) for v in (x, y))
+    return row, col
+
+
+def region_of(x: float, y: float) -> str:
+    """The name of the 3 x 3 grid cell of the point (x, y) (`region_cell`)."""
+    row, col = region_cell(x, y)
     return REGIONS[row][col]
 
 
@@ -386,5 +393,5 @@ def vlt5_examples(scene: dict, rng: np.random.Generator) -> list[tuple[str, str]
 
 __all__ = ["NUM_VQA_ANSWERS", "REGIONS", "RELATION_ANSWERS", "SNLI_VE_LABELS",
            "VLT5_PREFIXES", "VQA_ANSWER_TYPES", "answer_vocabulary", "grounding_target",
-           "nlvr2_statement", "region_of", "snli_ve_hypothesis", "vlt5_example", "vlt5_examples",
-           "vqa_questions", "vqa_soft_scores"]
+           "nlvr2_statement", "region_cell", "region_of", "snli_ve_hypothesis", "vlt5_example",
+           "vlt5_examples", "vqa_questions", "vqa_soft_scores"]

@@ -153,8 +153,8 @@ def make_task_fields(task: str, scene: dict, rng: np.random.Generator, encode: E
 def region_index(box: np.ndarray) -> int:
     """Row-major index into `shapes_tasks.REGIONS` of the 3 x 3 cell holding the centre of
     box (x0, y0, x1, y1)."""
-    name = shapes_tasks.region_of((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
-    return [r for row in shapes_tasks.REGIONS for r in row].index(name)
+    row, col = shapes_tasks.region_cell((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+    return row * len(shapes_tasks.REGIONS[0]) + col
 
 
 def draw_partner(index: int, num_records: int, rng: np.random.Generator) -> int:
