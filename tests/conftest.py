@@ -13,6 +13,14 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# LLVM optimisation level 1 instead of XLA:CPU's default 2: compiling is about half of the
+# suite's cold time, and level 1 compiles ~30% faster with the same step time at the tests'
+# sizes (the VL-T5 learning test: 11.6 -> 8.1 s of compile, 37 s warm either way); level 0
+# doubles it (slow steps). Tests only: training and benchmarks keep XLA's default. Subprocess
+# tests inherit it; a level set in XLA_FLAGS already wins.
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = " ".join(filter(None, [
+        os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=1"]))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
