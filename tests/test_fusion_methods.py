@@ -249,9 +249,9 @@ def test_itm_rerank_needs_a_pair_scorer():
 
 # ---- learning tests on the shared tiny shapes dataset -----------------------------------------
 
-def _tiny(experiment, data_config, steps, **model):
+def _tiny(experiment, data_config, steps, grid=4, **model):
     """An experiment file (its `:smoke,steps=N` config) shrunk to width-32 models on the
-    session's tiny dataset."""
+    session's tiny dataset; images cut into grid x grid patches."""
     import os
     from vlp_jax.config_args import load_config
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -260,10 +260,10 @@ def _tiny(experiment, data_config, steps, **model):
     res, length = data_config.image_size, data_config.text_length
     if config.model.name == "single_stream":
         config.model.update(dict(width=32, depth=2, num_heads=2, mlp_dim=64, **model))
-        config.model.image.update(image_size=res, patch_size=res // 4)
+        config.model.image.update(image_size=res, patch_size=res // grid)
     else:
         config.model.update(dict(embed_dim=32, **model))
-        config.model.image.update(image_size=res, patch_size=res // 4, width=32, depth=1,
+        config.model.image.update(image_size=res, patch_size=res // grid, width=32, depth=1,
                                   num_heads=2, mlp_dim=64)
         config.model.text.update(width=32, depth=1, fusion_depth=1, num_heads=2, mlp_dim=64)
         config.method.update(queue_size=128, alpha_ramp_steps=steps // 4)
@@ -305,9 +305,7 @@ def test_vilt_learns_itm_and_mlm_from_its_experiment_file(shapes_data_config, tm
     chance (ITM loss 0.69 throughout). With a 6 x 6 grid of 4 px patches, seeds 0 / 1 / 3
     passed with ITM loss 0.35-0.6 at the end, and seed 2 stayed at chance even at 800 steps
     (2026-12-07). Hence the finer grid."""
-    config = on_devices(_tiny("vilt_shapes.py", shapes_data_config, steps=600), 1)
-    res = shapes_data_config.image_size
-    config.model.image.patch_size = res // 6          # a 6 x 6 grid: see the docstring
+    config = on_devices(_tiny("vilt_shapes.py", shapes_data_config, steps=600, grid=6), 1)
     assert dict(config.method.start_steps) == {"mlm": 270}
     assert tuple(config.method.objectives) == ("mlm", "itm", "wpa")
     config.optim.update(lr=1e-3)                      # the file's peak learning rate

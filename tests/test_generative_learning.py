@@ -12,13 +12,14 @@ from tests.helpers import on_devices
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _tiny(experiment, data_config, steps):
-    """The experiment's `:smoke` config shrunk to width-32 towers on the session's dataset."""
+def _tiny(experiment, data_config, steps, grid=4):
+    """The experiment's `:smoke` config shrunk to width-32 towers on the session's dataset;
+    images cut into grid x grid patches."""
     from vlp_jax.config_args import load_config
     config = load_config(os.path.join(ROOT, "experiments", experiment) + f":smoke,steps={steps}")
     config.data = data_config
     res = data_config.image_size
-    config.model.image.update(image_size=res, patch_size=res // 4, width=32, depth=1,
+    config.model.image.update(image_size=res, patch_size=res // grid, width=32, depth=1,
                               num_heads=2, mlp_dim=64)
     if config.model.name == "coca":
         config.model.update(embed_dim=32, num_queries=8)
@@ -68,8 +69,7 @@ CASES = [("git_shapes.py", 600, 6, 20.0, 5.0), ("simvlm_shapes.py", 800, 4, 18.0
 def test_generative_model_learns_to_caption(experiment, steps, grid, colour, main_object,
                                             shapes_data_config, tmp_path):
     """Chance: main colour 12.5% (8 colours), main object 2.5% (40 colour-shape classes)."""
-    config = _tiny(experiment, shapes_data_config, steps=steps)
-    config.model.image.patch_size = config.data.image_size // grid
+    config = _tiny(experiment, shapes_data_config, steps=steps, grid=grid)
     ev, rows = _train(config, tmp_path)
     print(experiment, {k: round(v, 2) for k, v in ev.items()})
     first, last = rows[0]["train/loss/caption"], rows[-1]["train/loss/caption"]
