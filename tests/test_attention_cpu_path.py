@@ -48,3 +48,22 @@ def test_module_default_on_cpu_equals_xla_implementation():
     assert jax.default_backend() == "cpu"
     np.testing.assert_allclose(default.apply(params, x, mask=mask),
                                xla.apply(params, x, mask=mask), atol=1e-5)
+
+
+def test_custom_backward_cross_attention_and_bfloat16():
+    """The hand-written backward pass against autodiff of the xla path: Q != K lengths with a
+    padding mask, and bfloat16 inputs (gradients come back in the inputs' dtypes)."""
+    q, k, v = _qkv(q=5, k=9)
+    mask = make_attention_mask(jnp.ones((3, 5), bool), jnp.arange(9)[None] < jnp.array([[9], [2], [0]]))
+    for dtype, atol in ((jnp.float32, 1e-4), (jnp.bfloat16, 5e-2)):
+        args = [x.astype(dtype) for x in (q, k, v)]
+
+        def loss(f):
+            return lambda q, k, v: (f(q, k, v).astype(jnp.float32) ** 2).sum()
+        g_ref = jax.grad(loss(lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, mask=mask, implementation="xla")), argnums=(0, 1, 2))(*args)
+        g_new = jax.grad(loss(lambda q, k, v: heads_major_attention(q, k, v, mask)),
+                         argnums=(0, 1, 2))(*args)
+        for a, b in zip(g_new, g_ref):
+            assert a.dtype == dtype
+            np.testing.assert_allclose(a.astype(jnp.float32), b.astype(jnp.float32), atol=atol)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from vlp_jax.models.dual_encoder import l2_normalize
 from vlp_jax.nn.attention import make_attention_mask
 from vlp_jax.nn.partitioning import dense_init, logical, ones, zeros
+from vlp_jax.nn.norm import LayerNorm
 from vlp_jax.nn.patch_embed import PositionEmbedding
 from vlp_jax.nn.transformer import Encoder
 
@@ -47,8 +48,8 @@ class ProjectionMLP(nn.Module):
             names = ("embed", "mlp") if i == 0 else ("mlp", None)
             x = nn.Dense(self.hidden_dim, dtype=self.dtype, name=f"fc{i}",
                          kernel_init=dense_init(names), bias_init=zeros(("mlp",)))(x)
-            x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name=f"ln{i}",
-                             scale_init=ones(("mlp",)), bias_init=zeros(("mlp",)))(x)
+            x = LayerNorm(epsilon=1e-6, dtype=self.dtype, name=f"ln{i}",
+                          scale_init=ones(("mlp",)), bias_init=zeros(("mlp",)))(x)
             x = nn.gelu(x)
         last_in = "embed" if self.num_layers == 1 else "mlp"
         return nn.Dense(self.out_dim, dtype=self.dtype, name=f"fc{self.num_layers - 1}",

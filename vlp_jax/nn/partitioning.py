@@ -17,6 +17,8 @@ from typing import Callable, Sequence
 import flax.linen as nn
 import jax
 
+from vlp_jax.nn.norm import LayerNorm
+
 Initializer = Callable[..., jax.Array]
 
 
@@ -40,8 +42,9 @@ def ones(names: Sequence[str | None]) -> Initializer:
     return logical(nn.initializers.ones_init(), names)
 
 
-def layer_norm(name: str | None = None, dtype=None) -> nn.LayerNorm:
-    """LayerNorm whose scale and bias are annotated along `embed`."""
-    return nn.LayerNorm(
+def layer_norm(name: str | None = None, dtype=None) -> LayerNorm:
+    """LayerNorm (eps 1e-6, `vlp_jax.nn.norm`) whose scale and bias are annotated along
+    `embed`."""
+    return LayerNorm(
         epsilon=1e-6, dtype=dtype, name=name,
         scale_init=ones(("embed",)), bias_init=zeros(("embed",)))
