@@ -9,6 +9,11 @@ and prints one JSON line: samples/s, step time, parameter count, matmul FLOPs pe
 (torch's FlopCounterMode: 2 M N K per matmul, forward + backward) and this process's measured
 large-matmul FLOP/s.
 
+With `--serve` it warms up, prints `ready`, then times one repeat of `--steps` steps for each
+`run` line read from stdin (printing its seconds per step) and prints the JSON line at end of
+input: `train_throughput.py` interleaves these repeats with vlp_jax's, so that both frameworks
+are timed under the same load of a shared machine.
+
     benchmarks/.venv-openclip/bin/python benchmarks/openclip_step.py --batch 64
 """
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import open_clip
@@ -41,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (best and median reported)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = default)")
+    p.add_argument("--serve", action="store_true",
+                   help="time one repeat per `run` line on stdin (see the module doc)")
     return p.parse_args(argv)
 
 
@@ -127,13 +135,27 @@ def main(argv=None):
     step = make_step(model, optimizer, open_clip.ClipLoss(), images, text)
     for _ in range(args.warmup):
         step()
-    times = []
-    for _ in range(args.repeats):
+
+    def repeat() -> tuple[float, float]:
         t0 = time.perf_counter()
         for _ in range(args.steps):
             loss = step()
         loss = loss.detach().item()
-        times.append((time.perf_counter() - t0) / args.steps)
+        return (time.perf_counter() - t0) / args.steps, loss
+
+    times, loss = [], float("nan")
+    if args.serve:
+        print("ready", flush=True)
+        for line in sys.stdin:
+            if line.strip() != "run":
+                raise SystemExit(f"openclip_step.py --serve: unknown command {line.strip()!r}")
+            t, loss = repeat()
+            times.append(t)
+            print(t, flush=True)
+    else:
+        for _ in range(args.repeats):
+            t, loss = repeat()
+            times.append(t)
     step_s = statistics.median(times)
     print(json.dumps(dict(
         framework="open_clip", torch=torch.__version__, open_clip=open_clip.__version__,

@@ -4,6 +4,9 @@
       a tiny ViT + causal text transformer, one synthetic batch kept on device; compilation and
       warm-up steps excluded, `--repeats` runs of `--steps` steps timed; the best and the median
       repeat are reported (the best is the one least disturbed by other jobs on a shared machine).
+      The repeats of every row (vlp_jax's, and open_clip's with `--with-open-clip`) are
+      interleaved, one repeat of each row in turn, so that a change of load on a shared machine
+      falls on both frameworks alike.
 (ii)  model FLOPs per step from XLA (`compiled.cost_analysis()['flops']`), the achieved FLOP/s
       and their ratio to this process's measured large-matmul FLOP/s (the practical peak).
 (iii) with `--with-open-clip`: the same model and batch in open_clip, run by
@@ -139,40 +142,53 @@ def _flops(compiled) -> float:
     return float(cost["flops"])
 
 
-def bench_vlp_jax(args, devices: int = 1) -> dict:
-    """One vlp_jax row: the global batch split over `devices` CPU devices (1: one device)."""
-    import jax
-    from vlp_jax.methods.registry import build_method
-    from vlp_jax.parallel.mesh import make_mesh, to_global_batch
-    from vlp_jax.parallel.sharding import DEFAULT_RULES
-    from vlp_jax.train.optim import make_optimizer
-    from vlp_jax.train.step import init_state, make_train_step, state_shardings
+class VlpJaxRow:
+    """One vlp_jax row: the global batch split over `devices` CPU devices (1: one device),
+    compiled and warmed up at construction; `repeat()` times `args.steps` steps."""
 
-    cfg = clip_config(args)
-    vocab = dict(vocab_size=args.vocab, pad_id=0, bos_id=1, eos_id=2, mask_id=args.vocab - 1)
-    if len(jax.devices()) < devices:
-        raise ValueError(f"--devices {devices}: jax has {len(jax.devices())} devices")
-    mesh = make_mesh(devices=jax.devices()[:devices])
-    method = build_method(cfg, vocab, mesh)
-    host_batch = synthetic_batch(args)
-    tx, _, shardings = state_shardings(method, lambda m: make_optimizer(cfg.optim, 1000, m),
-                                       jax.random.key(0), host_batch, DEFAULT_RULES)
-    state = init_state(method, tx, jax.random.key(0), host_batch, shardings)
-    batch = to_global_batch(host_batch, mesh)
-    t0 = time.perf_counter()
-    step = make_train_step(method, tx, shardings).lower(state, batch).compile()
-    compile_s = time.perf_counter() - t0
-    times, state, metrics = time_steps(step, state, batch, args.warmup, args.repeats,
-                                       args.steps)
-    step_s = statistics.median(times)
-    return dict(framework="vlp_jax" if devices == 1 else f"vlp_jax ({devices} devices)",
-                jax=jax.__version__, batch=args.batch,
-                step_ms=1e3 * step_s, samples_per_sec=args.batch / step_s,
-                repeats_ms=[1e3 * t for t in times],
-                params=sum(x.size for x in jax.tree.leaves(state.params)),
-                flops_per_step=_flops(step) * devices,   # cost_analysis: per device
-                peak_flops_per_sec=matmul_flops_per_sec(),
-                compile_s=compile_s, final_loss=float(metrics["loss"]))
+    def __init__(self, args, devices: int = 1):
+        import jax
+        from vlp_jax.methods.registry import build_method
+        from vlp_jax.parallel.mesh import make_mesh, to_global_batch
+        from vlp_jax.parallel.sharding import DEFAULT_RULES
+        from vlp_jax.train.optim import make_optimizer
+        from vlp_jax.train.step import init_state, make_train_step, state_shardings
+
+        cfg = clip_config(args)
+        vocab = dict(vocab_size=args.vocab, pad_id=0, bos_id=1, eos_id=2, mask_id=args.vocab - 1)
+        if len(jax.devices()) < devices:
+            raise ValueError(f"--devices {devices}: jax has {len(jax.devices())} devices")
+        mesh = make_mesh(devices=jax.devices()[:devices])
+        method = build_method(cfg, vocab, mesh)
+        host_batch = synthetic_batch(args)
+        tx, _, shardings = state_shardings(method, lambda m: make_optimizer(cfg.optim, 1000, m),
+                                           jax.random.key(0), host_batch, DEFAULT_RULES)
+        self.state = init_state(method, tx, jax.random.key(0), host_batch, shardings)
+        self.batch = to_global_batch(host_batch, mesh)
+        t0 = time.perf_counter()
+        self.step = make_train_step(method, tx, shardings).lower(self.state, self.batch).compile()
+        self.compile_s = time.perf_counter() - t0
+        self.args, self.devices, self.times = args, devices, []
+        _, self.state, self.metrics = time_steps(self.step, self.state, self.batch, args.warmup,
+                                                 0, args.steps)
+
+    def repeat(self) -> float:
+        times, self.state, self.metrics = time_steps(self.step, self.state, self.batch, 0, 1,
+                                                     self.args.steps)
+        self.times += times
+        return times[0]
+
+    def result(self) -> dict:
+        import jax
+        step_s = statistics.median(self.times)
+        return dict(framework="vlp_jax" if self.devices == 1 else f"vlp_jax ({self.devices} devices)",
+                    jax=jax.__version__, batch=self.args.batch,
+                    step_ms=1e3 * step_s, samples_per_sec=self.args.batch / step_s,
+                    repeats_ms=[1e3 * t for t in self.times],
+                    params=sum(x.size for x in jax.tree.leaves(self.state.params)),
+                    flops_per_step=_flops(self.step) * self.devices,   # cost_analysis: per device
+                    peak_flops_per_sec=matmul_flops_per_sec(),
+                    compile_s=self.compile_s, final_loss=float(self.metrics["loss"]))
 
 
 def ensure_openclip_venv() -> str:
@@ -189,15 +205,41 @@ def ensure_openclip_venv() -> str:
     return python
 
 
-def bench_openclip(args) -> dict:
-    python = ensure_openclip_venv()
-    flags = [f"--{name}={getattr(args, _attr(name))}" for name, _ in MODEL_FLAGS]
-    flags += [f"--warmup={args.warmup}", f"--steps={args.steps}", f"--repeats={args.repeats}"]
-    out = subprocess.run([python, os.path.join(HERE, "openclip_step.py"), *flags],
-                         capture_output=True, text=True, timeout=1800)
-    if out.returncode:
-        raise RuntimeError(f"openclip_step.py failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+class OpenClipRow:
+    """open_clip's row: `openclip_step.py --serve` in the venv, warmed up at construction;
+    `repeat()` has it time `args.steps` steps while this process waits."""
+
+    def __init__(self, args):
+        python = ensure_openclip_venv()
+        flags = [f"--{name}={getattr(args, _attr(name))}" for name, _ in MODEL_FLAGS]
+        flags += [f"--warmup={args.warmup}", f"--steps={args.steps}", "--serve"]
+        self.proc = subprocess.Popen([python, os.path.join(HERE, "openclip_step.py"), *flags],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self._expect("ready")
+
+    def _read(self) -> str:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait(timeout=60)
+            raise RuntimeError(f"openclip_step.py failed:\n{self.proc.stderr.read()[-3000:]}")
+        return line.strip()
+
+    def _expect(self, word: str) -> None:
+        line = self._read()
+        if line != word:
+            raise RuntimeError(f"openclip_step.py printed {line!r}, expected {word!r}")
+
+    def repeat(self) -> float:
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        return float(self._read())
+
+    def result(self) -> dict:
+        self.proc.stdin.close()
+        out = json.loads(self._read())
+        self.proc.wait(timeout=600)
+        return out
 
 
 def best_step_s(r: dict) -> float:
@@ -225,9 +267,12 @@ def table(results: list[dict]) -> str:
 
 def run_config(args) -> None:
     """Benchmarks one config (vlp_jax, then open_clip if asked) and prints its table and ratio."""
-    results = [bench_vlp_jax(args, n) for n in args.devices]
-    if args.with_open_clip:
-        results.append(bench_openclip(args))
+    rows = [OpenClipRow(args)] if args.with_open_clip else []
+    rows = [VlpJaxRow(args, n) for n in args.devices] + rows
+    for _ in range(args.repeats):       # interleaved: every row sees the same machine load
+        for row in rows:
+            row.repeat()
+    results = [row.result() for row in rows]
     for r in results:
         print(json.dumps(dict(r, config=args.config)), file=sys.stderr, flush=True)
     print(f"\nconfig {args.config}: CLIP train step, batch {args.batch}: ViT "
@@ -251,9 +296,10 @@ def time_steps(step, state, batch, warmup: int, repeats: int, steps: int):
     (state, metrics)`: `warmup` untimed steps, then `repeats` timed runs of `steps` steps each
     (synchronised on the metrics)."""
     import jax
+    metrics = None
     for _ in range(warmup):
         state, metrics = step(state, batch)
-    jax.block_until_ready(metrics)
+    jax.block_until_ready((state, metrics))
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
