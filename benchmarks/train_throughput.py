@@ -266,9 +266,11 @@ def table(results: list[dict]) -> str:
 
 
 def run_config(args) -> None:
-    """Benchmarks one config (vlp_jax, then open_clip if asked) and prints its table and ratio."""
-    rows = [OpenClipRow(args)] if args.with_open_clip else []
-    rows = [VlpJaxRow(args, n) for n in args.devices] + rows
+    """Benchmarks one config (the vlp_jax rows and, if asked, open_clip's, their repeats
+    interleaved) and prints its table and ratio."""
+    # open_clip warms up first, so that its warm-up does not share the cores with XLA compiling
+    openclip = [OpenClipRow(args)] if args.with_open_clip else []
+    rows = [VlpJaxRow(args, n) for n in args.devices] + openclip
     for _ in range(args.repeats):       # interleaved: every row sees the same machine load
         for row in rows:
             row.repeat()

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 
 from vlp_jax.models.dual_encoder import l2_normalize
 from vlp_jax.nn.attention import make_attention_mask
-from vlp_jax.nn.partitioning import dense_init, logical, ones, zeros
 from vlp_jax.nn.norm import LayerNorm
+from vlp_jax.nn.partitioning import dense_init, logical, ones, zeros
 from vlp_jax.nn.patch_embed import PositionEmbedding
 from vlp_jax.nn.transformer import Encoder
 
